@@ -1,0 +1,29 @@
+"""Architecture registry: detection by keys, one module per model family.
+
+Adding a model means adding a module with an ``Architecture`` subclass and listing it
+in ``DETECTION_ORDER`` (most specific first); ``Generic`` catches the rest.
+"""
+
+from __future__ import annotations
+
+from ..errors import UserError
+from ..reading import TensorInfo
+from .base import Architecture, FileView, Group, LoraStyle, RawRef
+from .generic import Generic
+from .stable_diffusion import SD15, SDXL
+from .zimage import ZImage
+
+DETECTION_ORDER: tuple[type[Architecture], ...] = (ZImage, SDXL, SD15)
+BY_NAME = {cls.name: cls for cls in (*DETECTION_ORDER, Generic)}
+
+__all__ = ["Architecture", "FileView", "Group", "LoraStyle", "RawRef", "detect", "BY_NAME"]
+
+
+def detect(infos: dict[str, TensorInfo], strict: bool = False, path=None) -> Architecture:
+    for cls in DETECTION_ORDER:
+        found = cls.detect(infos)
+        if found is not None:
+            return found
+    if strict:
+        raise UserError(f"{path or 'The file'} is not an SD1.5, SDXL or Z-Image model; drop --strict to process it generically.")
+    return Generic()

@@ -1,0 +1,129 @@
+"""What an architecture module provides, and the file view built from it.
+
+An architecture turns a file's raw keys into *canonical* keys: one name per weight the
+LoRA can address, whatever the file's layout (prefixes stripped, fused q|k|v weights
+split into row ranges). Base and variant are matched by canonical key, so an
+all-in-one base pairs with a diffusion-model-only variant, and an original-layout
+Z-Image pairs with a diffusers-layout one. Each architecture also names the LoRA
+module of every canonical weight in each output format, and groups it for the report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..reading import TensorFile, TensorInfo
+
+
+@dataclass(frozen=True)
+class RawRef:
+    """Where a canonical tensor lives in a file: a key, and a row range of it if fused."""
+
+    key: str
+    rows: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class LoraStyle:
+    """The key suffixes a LoRA format uses for one module."""
+
+    down: str
+    up: str
+    writes_alpha: bool
+
+
+KOHYA_STYLE = LoraStyle(".lora_down.weight", ".lora_up.weight", writes_alpha=True)
+PEFT_STYLE = LoraStyle(".lora_A.weight", ".lora_B.weight", writes_alpha=False)
+
+
+@dataclass(frozen=True)
+class Group:
+    """Where a layer sits in the report: a level (main or auxiliary) and a type."""
+
+    level: str
+    type: str
+    auxiliary: bool = False
+    order: int = 0
+
+
+class Architecture:
+    """Base class; one subclass per model family, each in its own module."""
+
+    name = "generic"
+    title = "unknown architecture"
+    base_model_version = "unknown"
+    modelspec_architecture = "unknown/lora"
+    formats: dict[str, LoraStyle] = {"kohya": KOHYA_STYLE}
+    default_format = "kohya"
+
+    # -- detection -------------------------------------------------------------------
+    @classmethod
+    def detect(cls, infos: dict[str, TensorInfo]) -> Architecture | None:
+        """Return an instance configured for this file (e.g. its key prefix), or None."""
+        raise NotImplementedError
+
+    def describe(self, infos: dict[str, TensorInfo]) -> str:
+        """A few words on what the file holds, for the one-line detection report."""
+        return self.title
+
+    # -- keys --------------------------------------------------------------------------
+    def canonical(self, raw_key: str, info: TensorInfo) -> list[tuple[str, RawRef, tuple[int, ...]]]:
+        """Canonical entries of one raw key: (canonical key, where it is, its shape)."""
+        raise NotImplementedError
+
+    def module_path(self, canonical_key: str) -> str | None:
+        """The LoRA module (before the format's prefix) of a canonical key, or None."""
+        raise NotImplementedError
+
+    def lora_module(self, canonical_key: str, fmt: str) -> str | None:
+        path = self.module_path(canonical_key)
+        return None if path is None else self.format_prefix(fmt) + path
+
+    def format_prefix(self, fmt: str) -> str:
+        return ""
+
+    def group(self, canonical_key: str) -> Group:
+        raise NotImplementedError
+
+    def resolve_format(self, fmt: str) -> str:
+        return self.default_format if fmt in ("auto", "", None) else fmt
+
+
+@dataclass
+class FileView:
+    """A file's tensors under canonical keys."""
+
+    file: TensorFile
+    arch: Architecture
+    refs: dict[str, RawRef]
+    shapes: dict[str, tuple[int, ...]]
+    unmapped: list[str]
+
+    @classmethod
+    def build(cls, file: TensorFile, arch: Architecture) -> FileView:
+        refs: dict[str, RawRef] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
+        unmapped: list[str] = []
+        for raw_key, info in file.infos.items():
+            entries = arch.canonical(raw_key, info)
+            if not entries:
+                unmapped.append(raw_key)
+            for key, ref, shape in entries:
+                refs[key] = ref
+                shapes[key] = shape
+        return cls(file, arch, refs, shapes, unmapped)
+
+    def dtype(self, key: str):
+        return self.file.infos[self.refs[key].key].dtype
+
+    def read(self, key: str):
+        ref = self.refs[key]
+        return self.file.get(ref.key, ref.rows)
+
+
+def strip_weight_suffix(canonical_key: str) -> tuple[str, str]:
+    """Split 'a.b.weight' into ('a.b', 'weight'); keys without a suffix keep ''."""
+    module, _, param = canonical_key.rpartition(".")
+    if param in ("weight", "bias"):
+        return module, param
+    return canonical_key, ""

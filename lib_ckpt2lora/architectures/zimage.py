@@ -1,0 +1,112 @@
+"""Z-Image (Turbo and Base): the 6B single-stream DiT, in either of its two layouts.
+
+Canonical keys are the diffusers names (``layers.0.attention.to_q.weight``): the
+original layout's fused ``attention.qkv`` is split by rows into to_q/to_k/to_v, so a
+LoRA addresses q, k and v separately, which is how every loader we checked applies it
+(ComfyUI and Forge Neo map each of to_q/to_k/to_v onto a row range of qkv; diffusers has
+no qkv module at all). Both layouts, bare or under ``model.diffusion_model.`` (all-in-one
+files) or ``transformer.``, are accepted and can be mixed between base and variant.
+"""
+
+from __future__ import annotations
+
+from .base import KOHYA_STYLE, PEFT_STYLE, Architecture, Group, RawRef, strip_weight_suffix
+
+PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "")
+# original name piece -> diffusers name piece (str.replace on the key, in this order)
+RENAMES = (
+    ("x_embedder.", "all_x_embedder.2-1."),
+    ("final_layer.", "all_final_layer.2-1."),
+    (".attention.out.", ".attention.to_out.0."),
+    (".attention.q_norm.", ".attention.norm_q."),
+    (".attention.k_norm.", ".attention.norm_k."),
+)
+AUX_NAMES = {
+    "all_x_embedder.2-1": "x_embedder",
+    "all_final_layer.2-1": "final_layer",
+}
+BLOCKS_PER_LEVEL = 6
+
+
+class ZImage(Architecture):
+    name = "zimage"
+    title = "Z-Image"
+    base_model_version = "z_image"
+    modelspec_architecture = "Z-Image/lora"
+    formats = {
+        # diffusers module names under ComfyUI's prefix, no alpha: loads in ComfyUI, every
+        # Forge Neo mapping and diffusers >= 0.36 (see README "LoRA formats").
+        "diffusion_model": PEFT_STYLE,
+        "diffusers": PEFT_STYLE,
+        "comfy": KOHYA_STYLE,
+    }
+    default_format = "diffusion_model"
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    @classmethod
+    def detect(cls, infos):
+        for prefix in PREFIXES:
+            if prefix + "cap_embedder.1.weight" in infos and (
+                prefix + "layers.0.attention.qkv.weight" in infos or prefix + "layers.0.attention.to_q.weight" in infos
+            ):
+                return cls(prefix)
+        return None
+
+    def describe(self, infos):
+        fused = self.prefix + "layers.0.attention.qkv.weight" in infos
+        blocks = sum(1 for k in infos if k.startswith(self.prefix + "layers.") and k.endswith("attention_norm1.weight"))
+        layout = "original layout" if fused else "diffusers layout"
+        extra = ", all-in-one with text encoder and VAE" if any(k.startswith(("text_encoders.", "vae.")) for k in infos) else ""
+        return f"Z-Image, {layout}, {blocks} blocks{extra}"
+
+    def canonical(self, raw_key, info):
+        if not raw_key.startswith(self.prefix):
+            return []
+        key = raw_key[len(self.prefix) :]
+        if self.prefix == "" and key.startswith(("text_encoders.", "vae.", "model.")):
+            return []
+        for old, new in RENAMES:
+            if old.startswith("."):
+                key = key.replace(old, new)
+            elif key.startswith(old):
+                key = new + key[len(old) :]
+        if key.endswith(".attention.qkv.weight"):
+            third = info.shape[0] // 3
+            block = key[: -len(".qkv.weight")]
+            return [
+                (f"{block}.to_{name}.weight", RawRef(raw_key, (i * third, (i + 1) * third)), (third, *info.shape[1:]))
+                for i, name in enumerate("qkv")
+            ]
+        return [(key, RawRef(raw_key), info.shape)]
+
+    def module_path(self, canonical_key):
+        module, param = strip_weight_suffix(canonical_key)
+        return module if param else None
+
+    def format_prefix(self, fmt):
+        return "transformer." if fmt == "diffusers" else "diffusion_model."
+
+    def group(self, canonical_key):
+        parts = canonical_key.split(".")
+        kind = _zimage_type(canonical_key)
+        if parts[0] == "layers":
+            index = int(parts[1])
+            level = index // BLOCKS_PER_LEVEL
+            first, last = level * BLOCKS_PER_LEVEL, level * BLOCKS_PER_LEVEL + BLOCKS_PER_LEVEL - 1
+            return Group(f"L{level + 1} (blk {first}-{last})", kind, order=level)
+        top = AUX_NAMES.get(".".join(parts[:2]), parts[0])
+        return Group(top, kind, auxiliary=True, order=100)
+
+
+def _zimage_type(key: str) -> str:
+    if ".attention." in key:
+        return "Attn"
+    if ".feed_forward." in key or key.startswith("t_embedder."):
+        return "FF"
+    if "adaLN_modulation" in key:
+        return "Mod"
+    if key.startswith(("all_x_embedder", "all_final_layer.2-1.linear")):
+        return "Proj"
+    return "Other"

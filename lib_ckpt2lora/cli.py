@@ -1,0 +1,170 @@
+"""The command line: the original script's flags, same names, same meanings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from .constants import VERSION
+from .errors import Cancelled, UserError
+from .options import FORMATS, SAVE_DTYPES, SVD_MODES, ExtractOptions
+
+DESCRIPTION = (
+    "Extract the weight delta between a base model and one or two variant checkpoints (or LoRA "
+    "files) and save the result as a LoRA or a merged checkpoint.\n"
+    "Single variant: converts (variant - base) directly to LoRA via truncated SVD.\n"
+    "Two variants: extracts the component common to both variants (--variant2), or a weighted "
+    "union of their unique components (--union)."
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m lib_ckpt2lora", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--base", required=True, help="Base model safetensors path")
+    p.add_argument("--variant", required=True, help="Variant model safetensors or LoRA path")
+    p.add_argument(
+        "--variant2", help="Second variant model or LoRA. Enables dual-variant extraction: common (default) or union (--union)."
+    )
+    p.add_argument("--out", required=True, help="Output safetensors path")
+    p.add_argument("--rank", type=int, default=0, help="LoRA rank (0 = auto-select, higher = more accurate but larger)")
+    p.add_argument(
+        "--rank-thresh", type=float, default=0.95, help="Explained-variance threshold for auto rank selection (default: 0.95)"
+    )
+    p.add_argument("--rank-max", type=int, default=64, help="Upper bound on auto-selected rank (default: 64)")
+    p.add_argument(
+        "--min-dim", type=int, default=32, help="Skip layers whose smallest dimension is below this value (default: 32)"
+    )
+    p.add_argument("--exclude", default="", help='Comma-separated key segments to exclude, e.g. "refiner,embed"')
+    p.add_argument("--include", default="", help='Comma-separated key segments to include (all others skipped), e.g. "attn,ff"')
+    p.add_argument(
+        "--full-layer",
+        action="store_true",
+        help="Also process 1D tensors (Norm weight/bias) stored as .diff; disables min-dim filter",
+    )
+    p.add_argument(
+        "--union",
+        action="store_true",
+        help="With --variant2: output the weighted union of both variants instead of the common (intersection) component",
+    )
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=0.5,
+        help="--union balance: weights are w1=2*alpha, "
+        "w2=2*(1-alpha), summing to 2. Default 0.5 gives delta1 + delta2 equally. 0.75 -> "
+        "1.5*delta1 + 0.5*delta2. Range [0, 1].",
+    )
+    p.add_argument("--checkpoint", action="store_true", help="Save as checkpoint (base + low-rank-approx delta) instead of LoRA")
+    p.add_argument("--checkpoint-full", action="store_true", help="Save as checkpoint (base + full-precision delta, no SVD)")
+    p.add_argument("--verbose", action="store_true", help="Print per-layer S stats and show summary at the end")
+    p.add_argument("--summary", action="store_true", help="Print grouped summary table at the end (no per-layer detail)")
+    p.add_argument(
+        "--detail", action="store_true", help="Also save the residual (delta minus first LoRA) as out_detail.safetensors"
+    )
+    p.add_argument(
+        "--detail-scale",
+        type=float,
+        default=1.0,
+        help="Multiply detail LoRA weights by this factor before saving. Use >1.0 to pre-amplify "
+        "so the loader weight can stay near 1.0 (default: 1.0)",
+    )
+    extra = p.add_argument_group("ckpt2lora additions")
+    extra.add_argument(
+        "--format",
+        default="auto",
+        choices=FORMATS,
+        help="LoRA key style. auto: kohya names for SD1.5/SDXL; for Z-Image "
+        "diffusion_model.<diffusers name>.lora_A/B (loads in ComfyUI, Forge Neo, diffusers). "
+        "Z-Image also: diffusers (transformer.<name>), comfy (lora_down/up + alpha).",
+    )
+    extra.add_argument(
+        "--save-dtype",
+        default="auto",
+        choices=SAVE_DTYPES,
+        help="dtype of the saved factors (default: the base's half-precision type)",
+    )
+    extra.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    extra.add_argument(
+        "--svd", default="randomized", choices=SVD_MODES, help="randomized (fast, same ranks) or exact (full SVD, for reference)"
+    )
+    extra.add_argument("--overwrite", action="store_true", help="Replace an existing output file")
+    extra.add_argument("--strict", action="store_true", help="Refuse models that are not SD1.5, SDXL or Z-Image")
+    extra.add_argument("--report-json", help="Also write the report (summary and per-layer data) as JSON")
+    extra.add_argument("--debug", action="store_true", help="Show a traceback on errors")
+    extra.add_argument("--version", action="version", version=f"ckpt2lora {VERSION}")
+    return p
+
+
+def options_from_args(args: argparse.Namespace) -> ExtractOptions:
+    names = [f for f in ExtractOptions.__dataclass_fields__ if f != "extra_metadata"]
+    return ExtractOptions(**{name: getattr(args, name) for name in names if hasattr(args, name)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    stop = threading.Event()
+    _install_signal_handlers(stop)
+    try:
+        opts = options_from_args(args)
+        from .extract import extract
+
+        result = extract(opts, progress=_progress_bar(), should_stop=stop.is_set)
+    except (UserError, Cancelled) as error:
+        if args.debug:
+            raise
+        print(f"ckpt2lora: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("ckpt2lora: Interrupted: nothing was written.", file=sys.stderr)
+        return 130
+    report = result.report
+    if args.verbose:
+        print(report.verbose_text())
+    if args.summary or args.verbose:
+        print(report.summary_text())
+    if args.report_json:
+        Path(args.report_json).write_text(json.dumps(report.to_dict(), indent=1))
+    for path in result.outputs:
+        size = path.stat().st_size / 2**20
+        print(f"Saved {path} ({size:.1f} MiB, {len(report.layers)} LoRA layers).")
+    return 0
+
+
+def _progress_bar():
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    bar = None
+
+    def update(done: int, total: int, layer: str) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="layer", dynamic_ncols=True, leave=False)
+        bar.set_postfix_str(layer[-40:], refresh=False)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return update
+
+
+def _install_signal_handlers(stop: threading.Event) -> None:
+    """SIGTERM (and a first Ctrl-C) ask the run to stop after the current layer."""
+
+    def handler(signum, frame):
+        if stop.is_set():  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")

@@ -1,0 +1,321 @@
+"""One extraction, start to finish: plan the layers, stream them, write the result.
+
+Per layer: read the base tensor and the variant's (ahead, in a background thread),
+delta in fp32 on the compute device, truncated SVD with the rank rule, factors cast and
+moved to the CPU at once. Only a few layers are ever in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import architectures
+from .architectures import Architecture, FileView
+from .constants import NOT_DERIVED_RELATIVE_DELTA, PREFETCH_DEPTH
+from .devices import is_out_of_memory, resolve_device
+from .errors import Cancelled, UserError
+from .metadata import lora_metadata
+from .options import ExtractOptions
+from .prefetch import prefetched
+from .reading import FLOAT_DTYPES, TensorFile
+from .report import Report, record_for
+from .sources import CheckpointSource, DeltaSource
+from .svd import factorize
+from .writing import SAVE_DTYPES, check_output_path, write_tensors
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class ExtractResult:
+    outputs: list[Path]
+    architecture: str
+    report: Report
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Unit:
+    """One canonical weight to extract."""
+
+    key: str
+    module: str
+    shape: tuple[int, ...]
+
+
+@dataclass
+class Plan:
+    arch: Architecture
+    fmt: str
+    base: FileView
+    sources: list[DeltaSource]
+    units: list[Unit]
+    report: Report
+    save_dtype: torch.dtype
+
+
+def detail_path(out: Path) -> Path:
+    return out.with_name(out.stem + "_detail.safetensors")
+
+
+def extract(
+    opts: ExtractOptions,
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> ExtractResult:
+    """Extract a LoRA (or a checkpoint) as ``opts`` says; see the module docstring."""
+    log = log or _log_to_stderr
+    opts.validate()
+    check_output_path(opts.out, opts.overwrite)
+    if opts.detail:
+        check_output_path(detail_path(opts.out), opts.overwrite)
+    device = resolve_device(opts.device)
+    with contextlib.ExitStack() as stack:
+        plan = make_plan(opts, stack, log)
+        main, detail = run_plan(plan, opts, device, progress, should_stop, log)
+        outputs = write_outputs(plan, opts, main, detail)
+    for line in plan.report.warnings:
+        log("Warning: " + line)
+    return ExtractResult(outputs, plan.arch.name, plan.report, list(plan.report.warnings))
+
+
+# -- planning --------------------------------------------------------------------------
+def make_plan(opts: ExtractOptions, stack: contextlib.ExitStack, log: Callable[[str], None]) -> Plan:
+    base_file = stack.enter_context(TensorFile(opts.base, "base"))
+    arch = architectures.detect(base_file.infos, strict=opts.strict, path=opts.base)
+    base = FileView.build(base_file, arch)
+    report = Report(architecture=arch.name, description=arch.describe(base_file.infos))
+    log(f"Base: {opts.base.name}: {report.description}.")
+    if arch.name == "generic":
+        report.warnings.append(
+            f"{opts.base.name} is not an SD1.5, SDXL or Z-Image model; LoRA keys use ComfyUI's "
+            "diffusion_model.<key> form (pass --strict to refuse instead)."
+        )
+    fmt = arch.resolve_format(opts.format)
+    if fmt not in arch.formats:
+        raise UserError(f"--format {fmt} does not apply to {arch.title}; choose one of {', '.join(arch.formats)} (or auto).")
+    sources = [
+        open_source(path, role, arch, base, stack, opts, log)
+        for path, role in ((opts.variant, "variant"), (opts.variant2, "variant2"))
+        if path is not None
+    ]
+    units = select_units(arch, fmt, base, sources, opts, report)
+    return Plan(arch, fmt, base, sources, units, report, choose_save_dtype(opts.save_dtype, base_file))
+
+
+def open_source(path: Path, role: str, arch: Architecture, base: FileView, stack, opts, log) -> DeltaSource:
+    file = stack.enter_context(TensorFile(path, role))
+    from .lora_input import is_lora_file, lora_source
+
+    if is_lora_file(file.infos):
+        source = lora_source(file, arch, base)
+        log(f"{role.capitalize()}: {path.name}: a LoRA with {len(source.shapes)} target weights.")
+        return source
+    variant_arch = architectures.detect(file.infos, strict=opts.strict, path=path)
+    if variant_arch.name != arch.name:
+        raise UserError(
+            f"The base {base.file.path.name} is {arch.title} but the {role} {path.name} is "
+            f"{variant_arch.title}; pick a {role} derived from the base."
+        )
+    view = FileView.build(file, variant_arch)
+    log(f"{role.capitalize()}: {path.name}: {variant_arch.describe(file.infos)}.")
+    return CheckpointSource(view)
+
+
+def select_units(arch, fmt, base: FileView, sources, opts: ExtractOptions, report: Report) -> list[Unit]:
+    include, exclude = opts.include_segments, opts.exclude_segments
+    units = []
+    for key, shape in base.shapes.items():
+        raw_key = base.refs[key].key
+        present = [key in source.shapes for source in sources]
+        if not all(present):
+            if any(present) or not isinstance(sources[0], CheckpointSource):
+                report.skip("missing in a variant", key)
+            else:
+                report.skip("missing in the variant", key)
+            continue
+        mismatched = [s.name for s in sources if tuple(s.shapes[key]) != tuple(shape)]
+        if mismatched:
+            report.skip("shape differs from the base", key)
+            report.warnings.append(
+                f"{key} has shape {list(shape)} in the base but {list(sources[0].shapes[key])} in "
+                f"{mismatched[0]}; that weight was skipped."
+            )
+            continue
+        if base.dtype(key) not in FLOAT_DTYPES:
+            continue
+        if include and not any(seg in key or seg in raw_key for seg in include):
+            report.skip("not in --include", key)
+            continue
+        if any(seg in key or seg in raw_key for seg in exclude):
+            report.skip("in --exclude", key)
+            continue
+        if len(shape) >= 2:
+            if not opts.full_layer and min(shape[0], _prod(shape[1:])) < opts.min_dim:
+                report.skip("below --min-dim", key)
+                continue
+        elif not opts.full_layer:
+            report.skip("1-D (use --full-layer)", key)
+            continue
+        module = arch.lora_module(key, fmt)
+        if module is None:
+            report.skip("not representable in a LoRA", key)
+            continue
+        units.append(Unit(key, module, tuple(shape)))
+    for source in sources:
+        extra = [k for k in source.shapes if k not in base.shapes]
+        for key in extra:
+            report.skip(f"only in {source.name}", key)
+    return units
+
+
+def choose_save_dtype(name: str, base_file: TensorFile) -> torch.dtype:
+    if name != "auto":
+        return SAVE_DTYPES[name]
+    counts: dict[torch.dtype, int] = {}
+    for info in base_file.infos.values():
+        if info.dtype in FLOAT_DTYPES:
+            counts[info.dtype] = counts.get(info.dtype, 0) + info.numel
+    dominant = max(counts, key=counts.get) if counts else torch.float16
+    return torch.float16 if dominant in (torch.float16, torch.float32, torch.float64) else torch.bfloat16
+
+
+# -- running ---------------------------------------------------------------------------
+def run_plan(plan: Plan, opts, device, progress, should_stop, log):
+    main: dict[str, torch.Tensor] = {}
+    detail: dict[str, torch.Tensor] = {}
+    report = plan.report
+    relative_deltas: list[float] = []
+    total = len(plan.units)
+
+    def load(unit: Unit):
+        base = plan.base.read(unit.key)
+        if device.type == "cuda":
+            base = base.pin_memory()
+        return base, [source.load(unit.key) for source in plan.sources]
+
+    generator = torch.Generator(device=device).manual_seed(0)
+    for done, (unit, (base_tensor, loaded)) in enumerate(prefetched(plan.units, load, PREFETCH_DEPTH)):
+        if should_stop is not None and should_stop():
+            raise Cancelled()
+        try:
+            outcome = process_unit(plan, opts, unit, base_tensor, loaded, device, generator)
+        except RuntimeError as error:
+            if device.type != "cuda" or not is_out_of_memory(error):
+                raise
+            torch.cuda.empty_cache()
+            log(f"Warning: {unit.key} does not fit on {device}; computing it on the CPU.")
+            outcome = process_unit(plan, opts, unit, base_tensor, loaded, torch.device("cpu"), None)
+        if outcome is not None:
+            tensors, detail_tensors, record = outcome
+            main.update(tensors)
+            detail.update(detail_tensors)
+            report.add(record)
+            relative_deltas.append(record.relative_delta)
+        if progress is not None:
+            progress(done + 1, total, unit.key)
+    if relative_deltas and statistics.median(relative_deltas) > NOT_DERIVED_RELATIVE_DELTA:
+        report.warnings.append(
+            f"The variant does not look derived from the base: the median layer changes by "
+            f"{100 * statistics.median(relative_deltas):.0f}% of its weight (fine-tunes and merges "
+            "change a few percent); a LoRA from this pair will not reproduce the variant. "
+            "Check that base and variant belong together (e.g. do not mix Z-Image Base and Turbo)."
+        )
+    if not main:
+        raise UserError(
+            f"No difference to extract: {opts.variant.name} matches {opts.base.name} in every "
+            "selected layer; nothing was written."
+        )
+    return main, detail
+
+
+def process_unit(plan: Plan, opts, unit: Unit, base_tensor, loaded, device, generator):
+    base = base_tensor.to(device, non_blocking=True).float()
+    deltas = [source.delta(item, base) for source, item in zip(plan.sources, loaded)]
+    if len(deltas) == 1:
+        delta = deltas[0]
+    else:
+        from .combine import combine
+
+        delta = combine(deltas[0], deltas[1], opts, generator)
+    if not bool(torch.isfinite(delta).all()):
+        plan.report.skip("NaN or Inf in the delta", unit.key)
+        plan.report.warnings.append(f"{unit.key} holds NaN or Inf in the variant; it was left out of the LoRA.")
+        return None
+    delta_norm = float(torch.linalg.vector_norm(delta))
+    if delta_norm == 0.0:
+        plan.report.skip("no change", unit.key)
+        return None
+    relative = delta_norm / max(float(torch.linalg.vector_norm(base)), 1e-12)
+    group = plan.arch.group(unit.key)
+    style = plan.arch.formats[plan.fmt]
+    dtype = plan.save_dtype
+    if len(unit.shape) == 1:
+        suffix = ".diff_b" if unit.key.endswith(".bias") else ".diff"
+        record = record_for(unit.module, unit.key, group, unit.shape, 0, 0.0, 0.0, 1.0, relative)
+        return {unit.module + suffix: delta.to("cpu", dtype)}, {}, record
+    matrix = delta.reshape(unit.shape[0], -1)
+    fact = factorize(matrix, opts.rank, opts.rank_thresh, opts.rank_max, opts.svd == "exact", generator)
+    tensors = lora_tensors(unit, style, fact.up, fact.down, fact.rank, dtype)
+    detail = {}
+    if opts.detail:
+        residual = matrix - fact.up @ fact.down
+        if float(torch.linalg.vector_norm(residual)) > 0:
+            extra = factorize(residual, opts.rank, opts.rank_thresh, opts.rank_max, opts.svd == "exact", generator)
+            detail = lora_tensors(unit, style, extra.up * opts.detail_scale, extra.down, extra.rank, dtype)
+    record = record_for(unit.module, unit.key, group, unit.shape, fact.rank, fact.s_max, fact.s_min, fact.energy, relative)
+    return tensors, detail, record
+
+
+def lora_tensors(unit: Unit, style, up: torch.Tensor, down: torch.Tensor, rank: int, dtype) -> dict[str, torch.Tensor]:
+    """Factors in the layer's own layout: conv kernels as LoCon (down k x k, up 1 x 1)."""
+    if len(unit.shape) > 2:
+        down = down.reshape(rank, *unit.shape[1:])
+        up = up.reshape(unit.shape[0], rank, *([1] * (len(unit.shape) - 2)))
+    tensors = {
+        unit.module + style.down: down.to("cpu", dtype).contiguous(),
+        unit.module + style.up: up.to("cpu", dtype).contiguous(),
+    }
+    if style.writes_alpha:
+        tensors[unit.module + ".alpha"] = torch.tensor(float(rank), dtype=dtype)
+    return tensors
+
+
+# -- writing ---------------------------------------------------------------------------
+def write_outputs(plan: Plan, opts: ExtractOptions, main, detail) -> list[Path]:
+    ranks = [r.rank for r in plan.report.layers]
+    title = opts.out.stem
+    outputs = []
+    write_tensors(opts.out, main, lora_metadata(plan.arch, opts, ranks, title, plan.fmt), opts.overwrite)
+    outputs.append(opts.out)
+    if opts.detail and detail:
+        path = detail_path(opts.out)
+        detail_ranks = [int(t.shape[0]) for name, t in detail.items() if name.endswith(plan.arch.formats[plan.fmt].down)]
+        try:
+            write_tensors(
+                path, detail, lora_metadata(plan.arch, opts, detail_ranks, path.stem, plan.fmt, kind="detail"), opts.overwrite
+            )
+        except BaseException:
+            opts.out.unlink(missing_ok=True)  # all or nothing
+            raise
+        outputs.append(path)
+    return outputs
+
+
+def _prod(values) -> int:
+    result = 1
+    for value in values:
+        result *= value
+    return result
+
+
+def _log_to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)

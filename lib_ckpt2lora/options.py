@@ -1,0 +1,104 @@
+"""Every setting of one extraction, shared by the CLI, the library and the UI.
+
+Field names and defaults follow the original script's flags (see the README); the
+CLI maps ``--rank-thresh`` to ``rank_thresh`` and so on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import UserError
+
+SAVE_DTYPES = ("auto", "fp16", "bf16", "fp32")
+FORMATS = ("auto", "kohya", "diffusers", "diffusion_model", "comfy")
+SVD_MODES = ("randomized", "exact")
+
+
+@dataclass
+class ExtractOptions:
+    base: Path
+    variant: Path
+    out: Path
+    variant2: Path | None = None
+    rank: int = 0
+    rank_thresh: float = 0.95
+    rank_max: int = 64
+    min_dim: int = 32
+    exclude: str = ""
+    include: str = ""
+    full_layer: bool = False
+    union: bool = False
+    alpha: float = 0.5
+    checkpoint: bool = False
+    checkpoint_full: bool = False
+    verbose: bool = False
+    summary: bool = False
+    detail: bool = False
+    detail_scale: float = 1.0
+    # Our additions to the original's flags.
+    format: str = "auto"
+    save_dtype: str = "auto"
+    device: str = "auto"
+    svd: str = "randomized"
+    overwrite: bool = False
+    strict: bool = False
+    report_json: Path | None = None
+    extra_metadata: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("base", "variant", "out", "variant2", "report_json"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                setattr(self, name, Path(value))
+
+    @property
+    def include_segments(self) -> list[str]:
+        return _segments(self.include)
+
+    @property
+    def exclude_segments(self) -> list[str]:
+        return _segments(self.exclude)
+
+    def validate(self) -> None:
+        """Refuse combinations the original refuses or that make no sense, in one sentence."""
+        if self.rank < 0:
+            raise UserError(f"--rank must be 0 (automatic) or a positive rank, not {self.rank}.")
+        if not 0.0 < self.rank_thresh <= 1.0:
+            raise UserError(f"--rank-thresh must be in (0, 1], not {self.rank_thresh}.")
+        if self.rank_max < 1:
+            raise UserError(f"--rank-max must be at least 1, not {self.rank_max}.")
+        if self.min_dim < 0:
+            raise UserError(f"--min-dim must be 0 or more, not {self.min_dim}.")
+        if self.union and self.variant2 is None:
+            raise UserError("--union needs a second variant: add --variant2 FILE.")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise UserError(f"--alpha must be in [0, 1], not {self.alpha}.")
+        if self.checkpoint and self.checkpoint_full:
+            raise UserError("Choose one of --checkpoint and --checkpoint-full, not both.")
+        if self.detail and self.checkpoint_full:
+            raise UserError("--detail needs a LoRA to take the residual of; --checkpoint-full has none.")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise UserError(f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, not {self.save_dtype!r}.")
+        if self.format not in FORMATS:
+            raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {self.format!r}.")
+        if self.svd not in SVD_MODES:
+            raise UserError(f"--svd must be one of {', '.join(SVD_MODES)}, not {self.svd!r}.")
+        if self.out.suffix.lower() != ".safetensors":
+            raise UserError(f"The output {self.out.name} must end in .safetensors.")
+
+    def as_metadata(self) -> dict[str, str]:
+        """The options worth recording in the output's header: file names, never paths."""
+        recorded = {}
+        for key, value in asdict(self).items():
+            if key in ("extra_metadata", "report_json", "out", "verbose", "summary", "overwrite"):
+                continue
+            if isinstance(value, Path):
+                value = value.name
+            recorded[key] = value
+        return recorded
+
+
+def _segments(text: str) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]

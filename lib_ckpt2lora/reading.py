@@ -1,0 +1,205 @@
+"""Reading model and LoRA files lazily, one tensor at a time.
+
+safetensors files are opened with ``safe_open`` so a 12 GB model costs only the tensor
+being read; their header is parsed and checked here first so that a damaged file ends
+in one clear sentence rather than a panic from deep inside a library. ``.ckpt``/``.pt``
+files are read with ``torch.load(weights_only=True)`` only: a pickle can run code, and a
+weights-only load refuses anything but tensors and plain containers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+# Header sizes of real checkpoints are a few MB at most; more means a damaged file.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _attr):
+        SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
+
+DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+FLOAT_DTYPES = {dtype for dtype in SAFETENSORS_DTYPES.values() if dtype.is_floating_point}
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count
+
+
+class TensorFile:
+    """A model or LoRA file whose tensors are read one at a time.
+
+    ``infos`` maps every key to its shape and dtype without reading any data.
+    """
+
+    def __init__(self, path: Path | str, role: str = "model"):
+        self.path = Path(path)
+        self.role = role
+        self.metadata: dict[str, str] = {}
+        self._handle = None
+        self._state_dict: dict[str, torch.Tensor] | None = None
+        _check_is_readable_file(self.path, role)
+        if self.path.suffix.lower() in PICKLE_SUFFIXES:
+            self.infos = self._open_pickle()
+        else:
+            self.infos = self._open_safetensors()
+
+    # -- opening ---------------------------------------------------------------------
+    def _open_safetensors(self) -> dict[str, TensorInfo]:
+        header, self.metadata = read_safetensors_header(self.path, self.role)
+        from safetensors import safe_open
+
+        try:
+            self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+        except Exception as exc:  # the Rust reader's own validation
+            raise UserError(
+                f"The {self.role} file {self.path} is not a readable safetensors file ({_short(exc)}); download it again."
+            ) from None
+        return header
+
+    def _open_pickle(self) -> dict[str, TensorInfo]:
+        try:
+            loaded = torch.load(str(self.path), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:
+            if isinstance(exc, RuntimeError) and "mmap" in str(exc):
+                loaded = _weights_only_load_without_mmap(self.path, self.role)
+            else:
+                raise UserError(
+                    f"The {self.role} file {self.path} was refused: it is not a plain-tensor "
+                    f"checkpoint that loads safely with weights_only=True ({_short(exc)}); "
+                    "convert it to .safetensors with a tool you trust."
+                ) from None
+        state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
+        if not isinstance(state, dict):
+            raise UserError(f"The {self.role} file {self.path} holds no state dict of tensors.")
+        self._state_dict = {k: v for k, v in state.items() if isinstance(k, str) and torch.is_tensor(v)}
+        return {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in self._state_dict.items()}
+
+    # -- reading ---------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self.infos)
+
+    def get(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Read one tensor (or a row range of it) as stored."""
+        if self._state_dict is not None:
+            tensor = self._state_dict[key]
+            return tensor[rows[0] : rows[1]] if rows else tensor
+        try:
+            if rows is None:
+                return self._handle.get_tensor(key)
+            return self._handle.get_slice(key)[rows[0] : rows[1]]
+        except Exception as exc:
+            raise UserError(f"Could not read tensor {key} from {self.path} ({_short(exc)}); the file may be damaged.") from None
+
+    def close(self) -> None:
+        self._handle = None
+        self._state_dict = None
+
+    def __enter__(self) -> TensorFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_safetensors_header(path: Path, role: str = "model") -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and check a safetensors header: sizes, dtypes and offsets against the file."""
+    size = path.stat().st_size
+    if size < 8:
+        raise UserError(f"The {role} file {path} is empty or truncated ({size} bytes); download it again.")
+    with open(path, "rb") as handle:
+        (header_len,) = struct.unpack("<Q", handle.read(8))
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+            raise UserError(
+                f"The {role} file {path} is not a valid safetensors file (its header claims "
+                f"{header_len} bytes, the file has {size}); download it again."
+            )
+        raw = handle.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise UserError(
+            f"The {role} file {path} is not a valid safetensors file (its header is not JSON); download it again."
+        ) from None
+    if not isinstance(header, dict):
+        raise UserError(f"The {role} file {path} is not a valid safetensors file (bad header).")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        metadata = {}
+    data_size = size - 8 - header_len
+    infos: dict[str, TensorInfo] = {}
+    for key, entry in header.items():
+        try:
+            dtype_name = entry["dtype"]
+            shape = tuple(int(dim) for dim in entry["shape"])
+            begin, end = (int(offset) for offset in entry["data_offsets"])
+        except (TypeError, KeyError, ValueError):
+            raise UserError(f"The {role} file {path} has a malformed header entry for {key!r}.") from None
+        if dtype_name not in SAFETENSORS_DTYPES:
+            raise UserError(
+                f"The {role} file {path} stores {key} as {dtype_name}, a type this tool cannot read; "
+                "convert the file to fp16, bf16 or fp32."
+            )
+        if any(dim < 0 for dim in shape) or not 0 <= begin <= end <= data_size:
+            raise UserError(
+                f"The {role} file {path} is truncated or damaged: tensor {key} lies past the end of the file; download it again."
+            )
+        infos[key] = TensorInfo(shape, SAFETENSORS_DTYPES[dtype_name])
+    if not infos:
+        raise UserError(f"The {role} file {path} holds no tensors.")
+    return infos, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _check_is_readable_file(path: Path, role: str) -> None:
+    if not path.exists():
+        raise UserError(f"The {role} file {path} does not exist; check the path.")
+    if path.is_dir():
+        raise UserError(f"The {role} path {path} is a folder; give the model file inside it.")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"The {role} file {path} cannot be read (permission denied).")
+
+
+def _weights_only_load_without_mmap(path: Path, role: str):
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(
+            f"The {role} file {path} was refused: it is not a plain-tensor checkpoint that "
+            f"loads safely with weights_only=True ({_short(exc)}); convert it to .safetensors "
+            "with a tool you trust."
+        ) from None
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:160]

@@ -1,0 +1,166 @@
+"""The report: per-layer statistics, the original's grouped summary table, JSON.
+
+The table keeps the original script's columns and grouping: rank, S_max, S_min and
+energy are averaged over the layers of a group, ratio is the average per-layer
+S_max/S_min. Main levels come first, then an "[ Auxiliary ]" part per top-level module.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+from .architectures import Group
+
+RULE = "=" * 74
+THIN = "-" * 74
+TYPE_ORDER = ("Attn", "FF", "Mod", "Proj", "Cond", "Other")
+
+
+@dataclass
+class LayerRecord:
+    name: str  # LoRA module name as written
+    key: str  # canonical checkpoint key
+    level: str
+    type: str
+    auxiliary: bool
+    order: int
+    shape: tuple[int, ...]
+    rank: int  # 0 for a full (.diff) tensor
+    s_max: float
+    s_min: float
+    energy: float  # captured fraction of ||delta||_F^2
+    relative_delta: float  # ||delta|| / ||base||
+
+
+@dataclass
+class Report:
+    architecture: str = ""
+    description: str = ""
+    layers: list[LayerRecord] = field(default_factory=list)
+    full_tensors: list[LayerRecord] = field(default_factory=list)
+    skipped: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    warnings: list[str] = field(default_factory=list)
+
+    def add(self, record: LayerRecord) -> None:
+        (self.layers if record.rank else self.full_tensors).append(record)
+
+    def skip(self, reason: str, key: str) -> None:
+        self.skipped[reason].append(key)
+
+    # -- grouping ----------------------------------------------------------------------
+    def groups(self) -> list[dict]:
+        buckets: dict[tuple, list[LayerRecord]] = defaultdict(list)
+        for record in self.layers:
+            buckets[(record.auxiliary, record.order, record.level, record.type)].append(record)
+        rows = []
+        for (auxiliary, _, level, kind), records in sorted(
+            buckets.items(), key=lambda item: (item[0][0], item[0][1], item[0][2], _type_rank(item[0][3]))
+        ):
+            n = len(records)
+            rows.append(
+                {
+                    "level": level,
+                    "type": kind,
+                    "auxiliary": auxiliary,
+                    "n": n,
+                    "rank": sum(r.rank for r in records) / n,
+                    "s_max": sum(r.s_max for r in records) / n,
+                    "s_min": sum(r.s_min for r in records) / n,
+                    "ratio": sum(r.s_max / r.s_min if r.s_min > 0 else 0.0 for r in records) / n,
+                    "energy": sum(r.energy for r in records) / n,
+                }
+            )
+        return rows
+
+    def total(self) -> dict:
+        n = len(self.layers)
+        if not n:
+            return {"n": 0, "rank": 0.0, "energy": 0.0}
+        return {
+            "n": n,
+            "rank": sum(r.rank for r in self.layers) / n,
+            "energy": sum(r.energy for r in self.layers) / n,
+        }
+
+    # -- text --------------------------------------------------------------------------
+    def summary_text(self) -> str:
+        lines = [RULE, "LoRA Summary", RULE, _row("Level", "Type", "n", "rank", "S_max", "S_min", "ratio", "energy"), THIN]
+        previous_level, in_auxiliary = None, False
+        for group in self.groups():
+            if previous_level is not None and group["level"] != previous_level:
+                lines.append(THIN)
+            if group["auxiliary"] and not in_auxiliary:
+                lines.append("[ Auxiliary ]" + "-" * (len(THIN) - len("[ Auxiliary ]")))
+                in_auxiliary = True
+            label = group["level"] if group["level"] != previous_level else ""
+            lines.append(
+                _row(
+                    label,
+                    group["type"],
+                    str(group["n"]),
+                    f"{group['rank']:.1f}",
+                    f"{group['s_max']:.2f}",
+                    f"{group['s_min']:.2f}",
+                    f"{group['ratio']:.1f}x",
+                    f"{100 * group['energy']:.1f}%",
+                )
+            )
+            previous_level = group["level"]
+        total = self.total()
+        lines += [
+            THIN,
+            _row("Total", "ALL", str(total["n"]), f"{total['rank']:.1f}", "", "", "", f"{100 * total['energy']:.1f}%"),
+            RULE,
+        ]
+        extra = self.skipped_lines()
+        return "\n".join(lines + extra)
+
+    def skipped_lines(self) -> list[str]:
+        lines = []
+        if self.full_tensors:
+            lines.append(f"Full tensors (.diff/.diff_b): {len(self.full_tensors)}")
+        for reason, keys in self.skipped.items():
+            if keys:
+                sample = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+                lines.append(f"Skipped, {reason}: {len(keys)} ({sample})")
+        return lines
+
+    def verbose_text(self) -> str:
+        lines = [f"{'layer':<64} {'shape':>16} {'rank':>5} {'S_max':>9} {'S_min':>9} {'energy':>7}"]
+        for r in self.layers + self.full_tensors:
+            shape = "x".join(str(d) for d in r.shape)
+            lines.append(f"{r.name[:64]:<64} {shape:>16} {r.rank:>5} {r.s_max:>9.4f} {r.s_min:>9.4f} {100 * r.energy:>6.1f}%")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "architecture": self.architecture,
+            "description": self.description,
+            "groups": self.groups(),
+            "total": self.total(),
+            "layers": [_record_dict(r) for r in self.layers],
+            "full_tensors": [_record_dict(r) for r in self.full_tensors],
+            "skipped": {reason: list(keys) for reason, keys in self.skipped.items() if keys},
+            "warnings": list(self.warnings),
+        }
+
+
+def record_for(name: str, key: str, group: Group, shape, rank, s_max, s_min, energy, relative_delta) -> LayerRecord:
+    return LayerRecord(
+        name, key, group.level, group.type, group.auxiliary, group.order, tuple(shape), rank, s_max, s_min, energy, relative_delta
+    )
+
+
+def _record_dict(record: LayerRecord) -> dict:
+    data = asdict(record)
+    data["shape"] = list(record.shape)
+    return data
+
+
+def _type_rank(kind: str) -> int:
+    return TYPE_ORDER.index(kind) if kind in TYPE_ORDER else len(TYPE_ORDER)
+
+
+def _row(level, kind, n, rank, s_max, s_min, ratio, energy) -> str:
+    return f"{level:<16}{kind:<6}{n:>5}{rank:>7}{s_max:>9}{s_min:>9}{ratio:>8}{energy:>8}"
