@@ -100,8 +100,8 @@ class Report:
                     group["type"],
                     str(group["n"]),
                     f"{group['rank']:.1f}",
-                    f"{group['s_max']:.2f}",
-                    f"{group['s_min']:.2f}",
+                    _number(group["s_max"]),
+                    _number(group["s_min"]),
                     f"{group['ratio']:.1f}x",
                     f"{100 * group['energy']:.1f}%",
                 )
@@ -156,6 +156,11 @@ def _record_dict(record: LayerRecord) -> dict:
     data = asdict(record)
     data["shape"] = list(record.shape)
     return data
+
+
+def _number(value: float) -> str:
+    """Two decimals like the original, but small singular values keep 3 significant digits."""
+    return f"{value:.2f}" if value >= 0.1 or value == 0 else f"{value:.3g}"
 
 
 def _type_rank(kind: str) -> int:

@@ -1,0 +1,14 @@
+"""The ckpt2lora tab (gradio), for the WebUI and as a standalone app.
+
+``lib_ckpt2lora`` itself never imports this package; gradio is imported only here, by
+``tab`` and the host adapters. Entry points:
+
+- WebUI: ``scripts/ckpt2lora.py`` builds ``tab.build_tab(webui_services.WebUIServices())``;
+- standalone: ``python -m lib_ckpt2lora.ui --models-dir DIR --lora-dir DIR``.
+"""
+
+
+def build_tab(services, **kwargs):
+    from .tab import build_tab as build
+
+    return build(services, **kwargs)

@@ -1,0 +1,303 @@
+"""One extraction started from the tab: form values -> ExtractOptions -> extract() -> result.
+
+No gradio here. The tab turns a ``JobResult`` into component updates; the tests call
+``run_job`` directly as well as through the tab.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path, PurePosixPath
+
+from ..errors import Cancelled, UserError
+from ..options import ExtractOptions
+from . import sidecar
+
+logger = logging.getLogger("ckpt2lora")
+
+LORA_PREFIX = "LoRA: "  # variant choices that are LoRAs from the Lora list
+NONE_CHOICE = "None"  # the second variant's "no second variant" choice
+OUTPUT_KINDS = ("LoRA", "Checkpoint (low-rank)", "Checkpoint (full delta)")
+MODES = ("single", "common", "union")
+DEVICES = ("auto", "cpu", "cuda")
+STOPPED = "Stopped: nothing was written."
+
+_DEFAULTS = {f.name: f.default for f in fields(ExtractOptions)}
+
+
+@dataclass
+class Form:
+    """Every input of the tab, in the order the Extract button sends them."""
+
+    base: str | None = None
+    variant: str | None = None
+    variant2: str | None = NONE_CHOICE
+    mode: str = "single"
+    alpha: float = _DEFAULTS["alpha"]
+    output_kind: str = OUTPUT_KINDS[0]
+    name: str = ""
+    rank: int = _DEFAULTS["rank"]
+    rank_thresh: float = _DEFAULTS["rank_thresh"]
+    rank_max: int = _DEFAULTS["rank_max"]
+    min_dim: int = _DEFAULTS["min_dim"]
+    include: str = _DEFAULTS["include"]
+    exclude: str = _DEFAULTS["exclude"]
+    full_layer: bool = _DEFAULTS["full_layer"]
+    detail: bool = _DEFAULTS["detail"]
+    detail_scale: float = _DEFAULTS["detail_scale"]
+    format: str = _DEFAULTS["format"]
+    save_dtype: str = _DEFAULTS["save_dtype"]
+    device: str = _DEFAULTS["device"]
+    svd: str = _DEFAULTS["svd"]
+    free_model: bool = False
+    overwrite: bool = False
+
+
+FORM_FIELDS = tuple(f.name for f in fields(Form))
+
+
+@dataclass
+class JobResult:
+    ok: bool
+    message: str
+    cancelled: bool = False
+    kind: str = ""  # "lora" or "checkpoint"
+    name: str = ""  # the LoRA's name for <lora:NAME:1>, or the checkpoint's title
+    outputs: list[Path] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+    sidecars: list[Path] = field(default_factory=list)
+    report: dict | None = None
+    summary: str = ""
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def is_lora_choice(choice: str | None) -> bool:
+    return bool(choice) and choice.startswith(LORA_PREFIX)
+
+
+def choice_stem(choice: str | None) -> str:
+    """'LoRA: styles/foo' -> 'foo'; 'sub/model.safetensors [abc123]' -> 'model'."""
+    if not choice or choice == NONE_CHOICE:
+        return ""
+    text = choice[len(LORA_PREFIX):] if is_lora_choice(choice) else choice
+    text = text.split(" [")[0].replace("\\", "/")
+    name = PurePosixPath(text).name
+    for ext in (".safetensors", ".ckpt", ".pt", ".sft"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def default_name(variant: str | None, variant2: str | None, mode: str, output_kind: str) -> str:
+    """The output name proposed from the variant's name (the user may type another)."""
+    stem = choice_stem(variant)
+    if not stem:
+        return ""
+    second = choice_stem(variant2) if mode in ("common", "union") else ""
+    if second:
+        stem = f"{stem}_{mode}_{second}"
+    if output_kind == OUTPUT_KINDS[1]:
+        return f"{stem}_lowrank"
+    if output_kind == OUTPUT_KINDS[2]:
+        return f"{stem}_merged"
+    return f"{stem}_extracted" if is_lora_choice(variant) and not second else stem
+
+
+def output_path(folder: Path, name: str) -> Path:
+    """``folder/name.safetensors``, refusing names that would leave the folder."""
+    text = (name or "").strip().replace("\\", "/")
+    if text.lower().endswith(".safetensors"):
+        text = text[: -len(".safetensors")]
+    if not text:
+        raise UserError("Type a name for the output.")
+    parts = PurePosixPath(text).parts
+    if text.startswith("/") or ":" in text or any(p in ("..", ".") for p in parts):
+        raise UserError(f"The output name {name!r} must stay inside the output folder: use a plain name.")
+    if any(c in text for c in '<>"|?*\0'):
+        raise UserError(f"The output name {name!r} holds a character file names cannot have.")
+    path = folder.joinpath(*parts).with_name(parts[-1] + ".safetensors")
+    root = folder.resolve()
+    if not path.resolve().is_relative_to(root):
+        raise UserError(f"The output name {name!r} must stay inside the output folder: use a plain name.")
+    return path
+
+
+@dataclass
+class Plan:
+    opts: ExtractOptions
+    kind: str
+    folder: Path
+    base_label: str
+    variant_labels: list[str]
+
+
+def plan_job(services, form: Form) -> Plan:
+    """Resolve the chosen models and the output, or raise UserError with one sentence."""
+    if not form.base:
+        raise UserError("Choose a base model.")
+    if not form.variant:
+        raise UserError("Choose a variant (the fine-tuned checkpoint or a LoRA).")
+    if is_lora_choice(form.base):
+        raise UserError("The base must be a checkpoint, not a LoRA.")
+    if form.mode not in MODES:
+        raise UserError(f"Unknown mode {form.mode!r}; choose single, common or union.")
+    if form.output_kind not in OUTPUT_KINDS:
+        raise UserError(f"Unknown output kind {form.output_kind!r}.")
+    two = form.mode in ("common", "union")
+    if two and (not form.variant2 or form.variant2 == NONE_CHOICE):
+        raise UserError(f"Mode {form.mode} needs a second variant: choose one, or set the mode to single.")
+
+    base = resolve_model(services, form.base, "base")
+    variant = resolve_model(services, form.variant, "variant")
+    variant2 = resolve_model(services, form.variant2, "second variant") if two else None
+    if base.resolve() == variant.resolve():
+        raise UserError(f"The base and the variant are the same file ({base.name}); choose a different variant.")
+
+    kind = "lora" if form.output_kind == OUTPUT_KINDS[0] else "checkpoint"
+    folder = Path(services.lora_dir() if kind == "lora" else services.checkpoint_dir())
+    if not folder.is_dir():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"The output folder {folder} cannot be created ({exc.strerror}).") from None
+    out = output_path(folder, form.name)
+    if not out.parent.is_dir():
+        out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not form.overwrite:
+        where = "Lora folder" if kind == "lora" else "checkpoint folder"
+        raise UserError(f"{out.name} already exists in the {where}: choose another name or tick Overwrite.")
+    if out.resolve() in (base.resolve(), variant.resolve()) or (variant2 and out.resolve() == variant2.resolve()):
+        raise UserError(f"The output {out.name} would replace one of the inputs: choose another name.")
+
+    opts = ExtractOptions(
+        base=base,
+        variant=variant,
+        variant2=variant2,
+        out=out,
+        rank=int(form.rank),
+        rank_thresh=float(form.rank_thresh),
+        rank_max=int(form.rank_max),
+        min_dim=int(form.min_dim),
+        include=form.include or "",
+        exclude=form.exclude or "",
+        full_layer=bool(form.full_layer),
+        union=form.mode == "union",
+        alpha=float(form.alpha),
+        checkpoint=form.output_kind == OUTPUT_KINDS[1],
+        checkpoint_full=form.output_kind == OUTPUT_KINDS[2],
+        detail=bool(form.detail) and form.output_kind != OUTPUT_KINDS[2],
+        detail_scale=float(form.detail_scale),
+        format=form.format or "auto",
+        save_dtype=form.save_dtype or "auto",
+        device=form.device or "auto",
+        svd=form.svd or "randomized",
+        overwrite=bool(form.overwrite),
+    )
+    opts.validate()
+    labels = [choice_stem(form.variant)] + ([choice_stem(form.variant2)] if variant2 else [])
+    return Plan(opts, kind, folder, choice_stem(form.base), labels)
+
+
+def resolve_model(services, choice: str, role: str) -> Path:
+    if is_lora_choice(choice):
+        name = choice[len(LORA_PREFIX):]
+        path = services.resolve_lora(name)
+        if path is None:
+            raise UserError(f"The LoRA {name} is not in the Lora list any more: press refresh and choose again.")
+    else:
+        path = services.resolve_checkpoint(choice)
+        if path is None:
+            raise UserError(f"The {role} {choice} is not in the checkpoint list any more: press refresh and choose again.")
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"The {role} file {path} does not exist any more: press refresh and choose again.")
+    return path
+
+
+def run_job(
+    services,
+    form: Form,
+    progress: Callable[[int, int, str], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> JobResult:
+    """Run one extraction; every outcome, failures included, comes back as a JobResult."""
+    started = time.monotonic()
+    log_lines: list[str] = []
+
+    def log(line: str) -> None:
+        log_lines.append(line)
+        logger.info(line)
+
+    try:
+        plan = plan_job(services, form)
+        if should_stop is not None and should_stop():
+            raise Cancelled()
+        if form.free_model:
+            services.free_model()
+        result = services.extract(plan.opts, progress=progress, should_stop=should_stop, log=log)
+        outputs = [Path(p) for p in result.outputs]
+        report = result.report.to_dict()
+        sidecars = []
+        if plan.kind == "lora":
+            sd_version = services.sd_version_name(result.architecture)
+            for number, path in enumerate(outputs):
+                text = describe(plan, report, detail=number > 0)
+                sidecars.append(sidecar.write_sidecar(path, sd_version=sd_version, description=text))
+            services.refresh_loras()
+            name = outputs[0].stem
+        else:
+            services.refresh_checkpoints()
+            name = services.checkpoint_title(outputs[0]) or outputs[0].name
+        sizes = [p.stat().st_size for p in outputs]
+        return JobResult(
+            ok=True,
+            message=f"Saved {outputs[0].name}.",
+            kind=plan.kind,
+            name=name,
+            outputs=outputs,
+            sizes=sizes,
+            sidecars=sidecars,
+            report=report,
+            summary=result.report.summary_text(),
+            warnings=list(result.warnings),
+            seconds=time.monotonic() - started,
+        )
+    except UserError as error:
+        return JobResult(ok=False, message=str(error), seconds=time.monotonic() - started)
+    except Cancelled:
+        return JobResult(ok=False, cancelled=True, message=STOPPED, seconds=time.monotonic() - started)
+    except Exception as error:  # a bug: the traceback goes to the console, one sentence to the tab
+        logger.exception("ckpt2lora: the extraction failed")
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        detail = f"{type(error).__name__}: {first}" if first else type(error).__name__
+        return JobResult(
+            ok=False,
+            message=f"The extraction failed unexpectedly ({detail}); the console has the details.",
+            seconds=time.monotonic() - started,
+        )
+
+
+def describe(plan: Plan, report: dict, detail: bool = False) -> str:
+    """The Lora card's description: how the file was made."""
+    opts = plan.opts
+    if opts.variant2 is not None:
+        how = "union" if opts.union else "common part"
+        source = f"the {how} of {plan.variant_labels[0]} and {plan.variant_labels[1]}"
+        if opts.union:
+            source += f" (alpha {opts.alpha:g})"
+    else:
+        source = plan.variant_labels[0]
+    rank = f"rank {opts.rank}" if opts.rank else f"automatic rank ({opts.rank_thresh:.0%} energy, at most {opts.rank_max})"
+    total = report.get("total", {})
+    what = "Detail residual (what the main LoRA missed) of" if detail else "Extracted from"
+    text = (
+        f"{what} {source} minus the base {plan.base_label} by ckpt2lora: {rank}, "
+        f"{total.get('n', 0)} layers, {100 * float(total.get('energy', 0.0)):.1f}% of the difference captured."
+    )
+    if detail and opts.detail_scale != 1.0:
+        text += f" Pre-scaled by {opts.detail_scale:g}."
+    return text

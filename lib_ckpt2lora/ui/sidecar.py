@@ -1,0 +1,79 @@
+"""The Lora tab's user-metadata sidecar: ``<lora name>.json`` beside the LoRA.
+
+The WebUIs read it in ``ui_extra_networks.read_user_metadata`` (the file's path with
+``.json`` for its extension). Keys, as their metadata editors write them: "description",
+"sd version", "activation text", "preferred weight", "negative text", "notes".
+"sd version" decides which model the LoRA card is shown for, and its values differ:
+A1111 and lllyasviel's Forge check it against ``network.SdVersion`` ("SD1", "SDXL", ...);
+Forge Neo against ``network.SD_VERSION`` (its preset names "sd", "xl", "zit", ...).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+# Our architecture names -> the WebUIs' names.
+SDVERSION_NAMES = {"sd15": "SD1", "sdxl": "SDXL"}  # A1111 / Forge: network.SdVersion members
+PRESET_NAMES = {"sd15": "sd", "sdxl": "xl", "zimage": "zit"}  # Forge Neo: network.SD_VERSION
+UNKNOWN = "Unknown"
+
+
+def sd_version_for(architecture: str, network_module=None) -> str:
+    """The "sd version" value this WebUI understands for ``architecture``.
+
+    ``network_module`` is the Lora extension's ``network`` module (``sys.modules["network"]``)
+    or None outside a WebUI, where A1111's names are used.
+    """
+    allowed = getattr(network_module, "SD_VERSION", None)
+    if allowed is not None:  # Forge Neo
+        name = PRESET_NAMES.get(architecture, UNKNOWN)
+        return name if name in allowed else UNKNOWN
+    members = getattr(getattr(network_module, "SdVersion", None), "__members__", None)
+    name = SDVERSION_NAMES.get(architecture, UNKNOWN)
+    if members is not None and name not in members:
+        return UNKNOWN
+    return name
+
+
+def sidecar_path(lora_path: Path) -> Path:
+    return Path(lora_path).with_suffix(".json")
+
+
+def write_sidecar(
+    lora_path: Path,
+    *,
+    sd_version: str,
+    description: str,
+    preferred_weight: float = 1,
+    activation_text: str = "",
+) -> Path:
+    """Write (or update) the sidecar; keys a user set by hand that we do not own are kept."""
+    path = sidecar_path(lora_path)
+    data: dict = {}
+    if path.is_file():
+        try:
+            loaded = json.loads(path.read_text(encoding="utf8"))
+            if isinstance(loaded, dict):
+                data = loaded
+        except (OSError, ValueError):
+            data = {}
+    data.update({
+        "description": description,
+        "sd version": sd_version,
+        "activation text": activation_text,
+        "preferred weight": preferred_weight,
+    })
+    data.setdefault("negative text", "")
+    data.setdefault("notes", "")
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf8") as handle:
+            json.dump(data, handle, indent=4, ensure_ascii=False)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return path

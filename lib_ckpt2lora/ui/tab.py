@@ -1,0 +1,262 @@
+"""The ckpt2lora tab: one gradio Blocks, the same in the WebUI and standalone.
+
+``build_tab(services)`` takes everything host-specific from ``services`` (model lists,
+output folders, progress, queueing). Written gradio-3 style so that it runs under
+gradio 3.41.2 (A1111) and 4.40.0 (Forge, Neo).
+"""
+
+from __future__ import annotations
+
+import html
+from types import SimpleNamespace
+
+import gradio as gr
+
+from ..options import FORMATS, SAVE_DTYPES, SVD_MODES
+from . import chart, job
+from .compat import gr_update, js_kwargs
+
+PREFIX = "ckpt2lora_"
+
+
+def _id(name: str) -> str:
+    return PREFIX + name
+
+
+def model_choices(services) -> dict[str, list[str]]:
+    checkpoints = services.list_checkpoints()
+    loras = [job.LORA_PREFIX + name for name in services.list_loras()]
+    return {
+        "base": checkpoints,
+        "variant": checkpoints + loras,
+        "variant2": [job.NONE_CHOICE] + checkpoints + loras,
+    }
+
+
+def status_html(result: job.JobResult) -> str:
+    if not result.ok:
+        css = "ckpt2lora-stopped" if result.cancelled else "ckpt2lora-error error"
+        return f"<div class='{css}'>{html.escape(result.message)}</div>"
+    lines = []
+    for path, size in zip(result.outputs, result.sizes):
+        lines.append(
+            f"<li><span class='ckpt2lora-path'>{html.escape(str(path))}</span> "
+            f"<span class='ckpt2lora-size'>({chart.human_size(size)})</span></li>"
+        )
+    what = "LoRA" if result.kind == "lora" else "checkpoint"
+    parts = [
+        f"<div class='ckpt2lora-ok'>Saved the {what} in {result.seconds:.1f} s:</div>",
+        "<ul class='ckpt2lora-outputs'>" + "".join(lines) + "</ul>",
+    ]
+    if result.kind == "lora":
+        parts.append(
+            f"<div class='ckpt2lora-hint'>Use it as <code>&lt;lora:{html.escape(result.name)}:1&gt;</code>"
+            " with the base model.</div>"
+        )
+    for warning in result.warnings:
+        parts.append(f"<div class='ckpt2lora-warning'>{html.escape(warning)}</div>")
+    return "<div class='ckpt2lora-result'>" + "".join(parts) + "</div>"
+
+
+def build_tab(services, css: str | None = None, title: str | None = None) -> gr.Blocks:
+    """Build the tab; ``blocks.ckpt2lora`` holds its components and handlers (for tests)."""
+    defaults = job.Form()
+    choices = model_choices(services)
+    c: dict = {}
+    blocks_kwargs = {"analytics_enabled": False}
+    if css is not None:
+        blocks_kwargs["css"] = css
+    if title is not None:
+        blocks_kwargs["title"] = title
+    with gr.Blocks(**blocks_kwargs) as blocks:
+        with gr.Row(elem_id=_id("main"), equal_height=False):
+            with gr.Column(scale=3, elem_id=_id("inputs")):
+                with gr.Row(elem_classes=["ckpt2lora-models"]):
+                    c["base"] = gr.Dropdown(
+                        label="Base model", choices=choices["base"], value=None, elem_id=_id("base"),
+                        info="The model the variant was trained or merged from.",
+                    )
+                    c["variant"] = gr.Dropdown(
+                        label="Variant (checkpoint or LoRA)", choices=choices["variant"], value=None,
+                        elem_id=_id("variant"), info="The fine-tuned or merged model whose difference you want.",
+                    )
+                    refresh = services.tool_button("\U0001f504", _id("refresh"), "Refresh the model lists")
+                with gr.Accordion("Second variant (common part / union)", open=False, elem_id=_id("second")):
+                    with gr.Row():
+                        c["variant2"] = gr.Dropdown(
+                            label="Second variant", choices=choices["variant2"], value=job.NONE_CHOICE,
+                            elem_id=_id("variant2"),
+                        )
+                        c["mode"] = gr.Radio(
+                            label="Mode", choices=list(job.MODES), value=defaults.mode, elem_id=_id("mode"),
+                            info="common: what both variants share; union: both, the shared part once.",
+                        )
+                    c["alpha"] = gr.Slider(
+                        label="Union balance alpha (weights 2*alpha and 2*(1-alpha))", minimum=0.0, maximum=1.0,
+                        step=0.05, value=defaults.alpha, elem_id=_id("alpha"),
+                    )
+                with gr.Row():
+                    c["output_kind"] = gr.Radio(
+                        label="Output", choices=list(job.OUTPUT_KINDS), value=defaults.output_kind,
+                        elem_id=_id("output_kind"),
+                    )
+                    c["name"] = gr.Textbox(
+                        label="Output name", value="", placeholder="derived from the variant's name",
+                        elem_id=_id("name"),
+                    )
+                with gr.Row():
+                    c["rank"] = gr.Slider(
+                        label="Rank (0 = automatic)", minimum=0, maximum=512, step=1, value=defaults.rank,
+                        elem_id=_id("rank"),
+                    )
+                    c["rank_thresh"] = gr.Slider(
+                        label="Automatic rank: energy to keep", minimum=0.5, maximum=1.0, step=0.005,
+                        value=defaults.rank_thresh, elem_id=_id("rank_thresh"),
+                    )
+                    c["rank_max"] = gr.Slider(
+                        label="Automatic rank: at most", minimum=1, maximum=512, step=1, value=defaults.rank_max,
+                        elem_id=_id("rank_max"),
+                    )
+                with gr.Accordion("Advanced", open=False, elem_id=_id("advanced")):
+                    with gr.Row():
+                        c["min_dim"] = gr.Slider(
+                            label="Skip layers smaller than (min dim)", minimum=0, maximum=1024, step=1,
+                            value=defaults.min_dim, elem_id=_id("min_dim"),
+                        )
+                        c["include"] = gr.Textbox(
+                            label="Include only (comma-separated key parts)", value=defaults.include,
+                            placeholder="e.g. attn,ff", elem_id=_id("include"),
+                        )
+                        c["exclude"] = gr.Textbox(
+                            label="Exclude (comma-separated key parts)", value=defaults.exclude,
+                            placeholder="e.g. refiner,embed", elem_id=_id("exclude"),
+                        )
+                    with gr.Row():
+                        c["full_layer"] = gr.Checkbox(
+                            label="Full layer: also 1-D weights (norms, biases) as .diff", value=defaults.full_layer,
+                            elem_id=_id("full_layer"),
+                        )
+                        c["detail"] = gr.Checkbox(
+                            label="Detail: also save the residual as NAME_detail", value=defaults.detail,
+                            elem_id=_id("detail"),
+                        )
+                        c["detail_scale"] = gr.Slider(
+                            label="Detail scale", minimum=0.0, maximum=4.0, step=0.05, value=defaults.detail_scale,
+                            elem_id=_id("detail_scale"),
+                        )
+                    with gr.Row():
+                        c["format"] = gr.Dropdown(
+                            label="LoRA key format", choices=list(FORMATS), value=defaults.format, elem_id=_id("format"),
+                        )
+                        c["save_dtype"] = gr.Dropdown(
+                            label="Save dtype", choices=list(SAVE_DTYPES), value=defaults.save_dtype,
+                            elem_id=_id("save_dtype"),
+                        )
+                        c["device"] = gr.Dropdown(
+                            label="Device", choices=list(job.DEVICES), value=defaults.device, elem_id=_id("device"),
+                        )
+                        c["svd"] = gr.Radio(
+                            label="SVD", choices=list(SVD_MODES), value=defaults.svd, elem_id=_id("svd"),
+                        )
+                with gr.Row(elem_classes=["ckpt2lora-switches"]):
+                    c["free_model"] = gr.Checkbox(
+                        label="Free the WebUI's loaded model first", value=False, elem_id=_id("free_model"),
+                        visible=services.can_free_model,
+                    )
+                    c["overwrite"] = gr.Checkbox(
+                        label="Overwrite an existing file", value=False, elem_id=_id("overwrite"),
+                    )
+                with gr.Row(elem_classes=["ckpt2lora-actions"]):
+                    extract_button = gr.Button("Extract", variant="primary", elem_id=_id("extract"))
+                    stop_button = gr.Button("Stop", elem_id=_id("stop"))
+            with gr.Column(scale=2, elem_id=_id("results")):
+                status = gr.HTML("", elem_id=_id("status"))
+                with gr.Row(elem_classes=["ckpt2lora-followups"]):
+                    send_button = gr.Button(
+                        "Send to txt2img", elem_id=_id("send_txt2img"), visible=False, variant="secondary",
+                    )
+                    use_button = gr.Button(
+                        "Use this checkpoint", elem_id=_id("use_checkpoint"), visible=False, variant="secondary",
+                    )
+                table = gr.Dataframe(
+                    headers=list(chart.COLUMNS), datatype=["str"] * len(chart.COLUMNS), value=None,
+                    interactive=False, visible=False, elem_id=_id("table"), label="Summary",
+                )
+                chart_html = gr.HTML("", elem_id=_id("chart"))
+                result_name = gr.Textbox("", visible=False, elem_id=_id("result_name"))
+                task_id = gr.Textbox("", visible=False, elem_id=_id("task_id"))
+                auto_name = gr.State("")
+
+        # -- refresh -------------------------------------------------------------------
+        dropdowns = [c["base"], c["variant"], c["variant2"]]
+
+        def refresh_all():
+            services.refresh_checkpoints()
+            services.refresh_loras()
+
+        def on_refresh():
+            refresh_all()
+            now = model_choices(services)
+            return [gr_update(choices=now[k]) for k in ("base", "variant", "variant2")]
+
+        refresh.click(fn=on_refresh, inputs=[], outputs=dropdowns)
+
+        # -- the output name follows the variant until the user types one ----------------
+        def suggest(variant, variant2, mode, output_kind, name, last_auto):
+            proposal = job.default_name(variant, variant2, mode, output_kind)
+            if not (name or "").strip() or name == last_auto:
+                return gr_update(value=proposal), proposal
+            return gr_update(), last_auto
+
+        suggest_inputs = [c["variant"], c["variant2"], c["mode"], c["output_kind"], c["name"], auto_name]
+        for trigger in (c["variant"], c["variant2"], c["mode"], c["output_kind"]):
+            trigger.change(fn=suggest, inputs=suggest_inputs, outputs=[c["name"], auto_name], queue=False)
+
+        # -- Extract ---------------------------------------------------------------------
+        outputs = [table, chart_html, send_button, use_button, result_name, *dropdowns, status]
+
+        def extract_job(reporter, *values):
+            form = job.Form(**dict(zip(job.FORM_FIELDS, values)))
+            reporter.begin("ckpt2lora: reading the models")
+            result = job.run_job(services, form, progress=reporter.progress, should_stop=reporter.should_stop)
+            return result_updates(result)
+
+        def result_updates(result: job.JobResult):
+            now = model_choices(services)
+            refreshed = [gr_update(choices=now[k]) for k in ("base", "variant", "variant2")]
+            if not result.ok:
+                hidden = gr_update(visible=False)
+                return [hidden, "", hidden, hidden, "", *refreshed, status_html(result)]
+            report = result.report or {}
+            rows = chart.table_rows(report)
+            is_lora = result.kind == "lora"
+            return [
+                gr_update(value=rows, visible=bool(rows)),
+                chart.chart_svg(report),
+                gr_update(visible=is_lora and services.can_send_to_txt2img),
+                gr_update(visible=(not is_lora) and services.can_select_checkpoint),
+                result.name,
+                *refreshed,
+                status_html(result),
+            ]
+
+        handler = services.wrap_job(extract_job, len(outputs))
+        inputs = [c[name] for name in job.FORM_FIELDS]
+        if services.uses_task_id:
+            inputs = [task_id, *inputs]
+            extract_button.click(
+                fn=handler, inputs=inputs, outputs=outputs,
+                **js_kwargs(f"(...args) => ckpt2lora.submit(args, {len(inputs)})"),
+            )
+        else:
+            extract_button.click(fn=handler, inputs=inputs, outputs=outputs)
+        stop_button.click(fn=services.request_stop, inputs=[], outputs=[], queue=False)
+        send_button.click(fn=None, inputs=[result_name], outputs=[], **js_kwargs("(name) => ckpt2lora.sendToTxt2img(name)"))
+        use_button.click(fn=None, inputs=[result_name], outputs=[], **js_kwargs("(title) => ckpt2lora.selectCheckpoint(title)"))
+
+    blocks.ckpt2lora = SimpleNamespace(
+        components=c, inputs=inputs, outputs=outputs, handler=handler, extract_job=extract_job,
+        suggest=suggest, refresh=refresh, status=status, table=table, chart=chart_html,
+        send_button=send_button, use_button=use_button, stop_button=stop_button, extract_button=extract_button,
+    )
+    return blocks

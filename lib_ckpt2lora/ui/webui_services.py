@@ -1,0 +1,136 @@
+"""The tab's host inside AUTOMATIC1111 / Forge / Forge Classic / Forge Neo.
+
+Every WebUI name used here exists in A1111 1.10, lllyasviel's Forge and Forge Neo
+(tests/webui/stub_modules mirrors exactly these names):
+
+- ``modules.sd_models``: ``checkpoint_tiles()``, ``list_models()``,
+  ``get_closet_checkpoint_match(text)``, ``checkpoints_list``, ``unload_model_weights()``,
+  ``model_path``;
+- ``modules.shared``: ``cmd_opts.lora_dir`` (``cmd_opts.ckpt_dir`` in A1111/Forge only),
+  ``state`` (``job_count``, ``job_no``, ``textinfo``, ``interrupted``);
+- ``modules.call_queue.wrap_gradio_gpu_call``: the queue lock shared with txt2img, and
+  ``shared.state.begin/end`` around the job;
+- ``modules.ui_components.ToolButton``;
+- the built-in Lora extension's modules ``networks`` (``available_networks``,
+  ``list_available_networks()``) and ``network`` (``SdVersion`` or, in Neo, ``SD_VERSION``),
+  looked up in ``sys.modules``; without them the Lora folder is scanned.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from modules import call_queue, sd_models, shared, ui_components
+
+from .services import Reporter, Services
+from .sidecar import sd_version_for
+from .standalone_services import scan
+
+
+class StateReporter(Reporter):
+    """Progress into ``shared.state``, which the WebUI's progress bar polls."""
+
+    def __init__(self, stop_event, state):
+        super().__init__(stop_event)
+        self._state = state
+
+    def begin(self, text: str) -> None:
+        self._state.textinfo = text
+
+    def progress(self, done: int, total: int, layer: str) -> None:
+        self._state.job_count = total
+        self._state.job_no = done
+        self._state.textinfo = f"ckpt2lora: {layer} ({done}/{total})"
+
+    def should_stop(self) -> bool:
+        return super().should_stop() or bool(self._state.interrupted)
+
+
+class WebUIServices(Services):
+    kind = "webui"
+    can_send_to_txt2img = True
+    can_select_checkpoint = True
+    can_free_model = True
+
+    # -- checkpoints -------------------------------------------------------------------
+    def list_checkpoints(self) -> list[str]:
+        return list(sd_models.checkpoint_tiles())
+
+    def refresh_checkpoints(self) -> None:
+        sd_models.list_models()
+
+    def resolve_checkpoint(self, choice: str) -> Path | None:
+        info = sd_models.get_closet_checkpoint_match(choice)
+        return Path(info.filename) if info is not None else None
+
+    def checkpoint_title(self, path: Path) -> str | None:
+        path = Path(path).resolve()
+        for title, info in list(sd_models.checkpoints_list.items()):
+            if Path(info.filename).resolve() == path:
+                return title
+        return None
+
+    def checkpoint_dir(self) -> Path:
+        return Path(getattr(shared.cmd_opts, "ckpt_dir", None) or sd_models.model_path)
+
+    # -- LoRAs -------------------------------------------------------------------------
+    def lora_dir(self) -> Path:
+        return Path(shared.cmd_opts.lora_dir)
+
+    def list_loras(self) -> list[str]:
+        networks = sys.modules.get("networks")
+        if networks is not None and hasattr(networks, "available_networks"):
+            return sorted(networks.available_networks, key=str.lower)
+        return sorted({Path(name).stem for name in scan(self.lora_dir())}, key=str.lower)
+
+    def refresh_loras(self) -> None:
+        networks = sys.modules.get("networks")
+        if networks is not None and hasattr(networks, "list_available_networks"):
+            networks.list_available_networks()
+
+    def resolve_lora(self, name: str) -> Path | None:
+        networks = sys.modules.get("networks")
+        if networks is not None and hasattr(networks, "available_networks"):
+            entry = networks.available_networks.get(name)
+            if entry is not None:
+                return Path(entry.filename)
+        for relative, path in scan(self.lora_dir()).items():
+            if Path(relative).stem == name:
+                return path
+        return None
+
+    def sd_version_name(self, architecture: str) -> str:
+        return sd_version_for(architecture, sys.modules.get("network"))
+
+    def free_model(self) -> None:
+        sd_models.unload_model_weights()
+
+    # -- jobs --------------------------------------------------------------------------
+    @property
+    def uses_task_id(self) -> bool:
+        return True
+
+    def wrap_job(self, job: Callable, n_outputs: int) -> Callable:
+        from .compat import gr_update
+
+        services = self
+
+        def run(id_task, *values):
+            reporter = StateReporter(services._stop_event, shared.state)
+            return job(reporter, *values)
+
+        queued = call_queue.wrap_gradio_gpu_call(run, extra_outputs=[gr_update() for _ in range(n_outputs - 1)])
+
+        def handler(*args):
+            services.job_started()  # counts while waiting for the queue too, so Stop works there
+            try:
+                return queued(*args)
+            finally:
+                services.job_finished()
+
+        return handler
+
+    def tool_button(self, symbol: str, elem_id: str, tooltip: str = ""):
+        return ui_components.ToolButton(value=symbol, elem_id=elem_id, elem_classes=["ckpt2lora-tool"])

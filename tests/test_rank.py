@@ -1,0 +1,87 @@
+"""Rank selection and the randomized SVD against an exact SVD, on known spectra."""
+
+import pytest
+import torch
+
+from lib_ckpt2lora.rank import captured_energy, rank_for_energy
+from lib_ckpt2lora.svd import factorize
+
+
+def matrix_with_spectrum(rows, cols, spectrum, seed=0, noise=0.0):
+    generator = torch.Generator().manual_seed(seed)
+    k = len(spectrum)
+    u = torch.linalg.qr(torch.randn(rows, k, generator=generator))[0]
+    v = torch.linalg.qr(torch.randn(cols, k, generator=generator))[0]
+    matrix = (u * torch.as_tensor(spectrum, dtype=torch.float32)) @ v.T
+    if noise:
+        matrix += noise * torch.randn(rows, cols, generator=generator)
+    return matrix
+
+
+def test_rank_for_energy_counts_not_indices():
+    s = torch.tensor([3.0, 2.0, 1.0])  # energies 9, 4, 1 of 14
+    assert rank_for_energy(s, 14.0, 9 / 14, cap=10) == 1
+    assert rank_for_energy(s, 14.0, 9 / 14 + 1e-6, cap=10) == 2
+    assert rank_for_energy(s, 14.0, 1.0, cap=10) == 3
+    assert rank_for_energy(s, 14.0, 1.0, cap=2) == 2
+
+
+def test_rank_for_energy_uses_exact_total_when_values_are_partial():
+    # only the top value is known; the true total says it is not enough -> the cap
+    assert rank_for_energy(torch.tensor([3.0]), 14.0, 0.9, cap=5) == 1
+    assert rank_for_energy(torch.tensor([3.0, 2.0]), 100.0, 0.9, cap=5) == 2
+
+
+def test_captured_energy():
+    s = torch.tensor([3.0, 2.0, 1.0])
+    assert captured_energy(s, 2, 14.0) == pytest.approx(13 / 14)
+
+
+@pytest.mark.parametrize("decay", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("shape", [(600, 300), (300, 600)])
+@pytest.mark.parametrize("threshold", [0.8, 0.9, 0.95])
+def test_auto_rank_matches_exact_svd(decay, shape, threshold):
+    spectrum = [1.0 / (i + 1) ** decay for i in range(150)]
+    delta = matrix_with_spectrum(*shape, spectrum, seed=int(decay * 10))
+    fast = factorize(delta, threshold=threshold, cap=64)
+    exact = factorize(delta, threshold=threshold, cap=64, exact=True)
+    assert abs(fast.rank - exact.rank) <= 1
+    # where the ranks agree the captured energy is the optimum to 4 digits
+    if fast.rank == exact.rank:
+        assert fast.energy == pytest.approx(exact.energy, abs=1e-4)
+    reference = torch.linalg.svdvals(delta)
+    expected = rank_for_energy(reference, float((reference**2).sum()), threshold, 64)
+    assert exact.rank == expected
+
+
+def test_rank_capped_when_threshold_not_met():
+    delta = matrix_with_spectrum(500, 400, [1.0] * 200)  # flat: 95% needs 190 values
+    fact = factorize(delta, threshold=0.95, cap=64)
+    assert fact.rank == 64
+    assert fact.energy == pytest.approx(64 / 200, rel=0.02)
+
+
+def test_fixed_rank_and_exact_reconstruction_of_low_rank_delta():
+    delta = matrix_with_spectrum(400, 300, [5.0, 3.0, 1.0, 0.5])
+    fact = factorize(delta, fixed_rank=4)
+    assert fact.rank == 4
+    assert torch.allclose(fact.up @ fact.down, delta, atol=1e-5)
+    assert fact.s_max == pytest.approx(5.0, rel=1e-4)
+    assert fact.s_min == pytest.approx(0.5, rel=1e-4)
+
+
+def test_fixed_rank_larger_than_matrix_is_clamped():
+    delta = matrix_with_spectrum(40, 8, [1.0] * 8)
+    assert factorize(delta, fixed_rank=64).rank == 8
+
+
+def test_randomized_energy_near_optimal_with_noise():
+    spectrum = [1.0 / (i + 1) ** 1.2 for i in range(256)]
+    delta = matrix_with_spectrum(2048, 768, spectrum, noise=2e-5)
+    fast = factorize(delta, threshold=0.95, cap=64)
+    exact_s = torch.linalg.svdvals(delta)
+    optimal = captured_energy(exact_s, fast.rank, float((exact_s**2).sum()))
+    assert fast.energy >= 0.995 * optimal
+    # the reported energy is the true energy of the factors written
+    residual = delta - fast.up @ fast.down
+    assert fast.energy == pytest.approx(1 - float(residual.norm() ** 2 / delta.norm() ** 2), abs=1e-5)
