@@ -23,26 +23,40 @@ def zimage_shapes(dim: int = 384, blocks: int = 6, refiners: int = 2) -> dict[st
     hidden, head = dim * 8 // 3, 128 if dim >= 1024 else 32
     cap, t_dim, ada = dim * 2 // 3, 256, min(dim, 256)
     shapes: dict[str, tuple[int, ...]] = {
-        "x_pad_token": (1, dim), "cap_pad_token": (1, dim),
-        "x_embedder.weight": (dim, 64), "x_embedder.bias": (dim,),
-        "t_embedder.mlp.0.weight": (1024, t_dim), "t_embedder.mlp.0.bias": (1024,),
-        "t_embedder.mlp.2.weight": (ada, 1024), "t_embedder.mlp.2.bias": (ada,),
-        "cap_embedder.0.weight": (cap,), "cap_embedder.1.weight": (dim, cap), "cap_embedder.1.bias": (dim,),
-        "final_layer.linear.weight": (64, dim), "final_layer.linear.bias": (64,),
-        "final_layer.adaLN_modulation.1.weight": (dim, ada), "final_layer.adaLN_modulation.1.bias": (dim,),
+        "x_pad_token": (1, dim),
+        "cap_pad_token": (1, dim),
+        "x_embedder.weight": (dim, 64),
+        "x_embedder.bias": (dim,),
+        "t_embedder.mlp.0.weight": (1024, t_dim),
+        "t_embedder.mlp.0.bias": (1024,),
+        "t_embedder.mlp.2.weight": (ada, 1024),
+        "t_embedder.mlp.2.bias": (ada,),
+        "cap_embedder.0.weight": (cap,),
+        "cap_embedder.1.weight": (dim, cap),
+        "cap_embedder.1.bias": (dim,),
+        "final_layer.linear.weight": (64, dim),
+        "final_layer.linear.bias": (64,),
+        "final_layer.adaLN_modulation.1.weight": (dim, ada),
+        "final_layer.adaLN_modulation.1.bias": (dim,),
     }
     names = [f"layers.{i}" for i in range(blocks)]
     names += [f"noise_refiner.{i}" for i in range(refiners)] + [f"context_refiner.{i}" for i in range(refiners)]
     for block in names:
-        shapes.update({
-            f"{block}.attention.qkv.weight": (3 * dim, dim),
-            f"{block}.attention.out.weight": (dim, dim),
-            f"{block}.attention.q_norm.weight": (head,), f"{block}.attention.k_norm.weight": (head,),
-            f"{block}.feed_forward.w1.weight": (hidden, dim), f"{block}.feed_forward.w3.weight": (hidden, dim),
-            f"{block}.feed_forward.w2.weight": (dim, hidden),
-            f"{block}.attention_norm1.weight": (dim,), f"{block}.attention_norm2.weight": (dim,),
-            f"{block}.ffn_norm1.weight": (dim,), f"{block}.ffn_norm2.weight": (dim,),
-        })
+        shapes.update(
+            {
+                f"{block}.attention.qkv.weight": (3 * dim, dim),
+                f"{block}.attention.out.weight": (dim, dim),
+                f"{block}.attention.q_norm.weight": (head,),
+                f"{block}.attention.k_norm.weight": (head,),
+                f"{block}.feed_forward.w1.weight": (hidden, dim),
+                f"{block}.feed_forward.w3.weight": (hidden, dim),
+                f"{block}.feed_forward.w2.weight": (dim, hidden),
+                f"{block}.attention_norm1.weight": (dim,),
+                f"{block}.attention_norm2.weight": (dim,),
+                f"{block}.ffn_norm1.weight": (dim,),
+                f"{block}.ffn_norm2.weight": (dim,),
+            }
+        )
         if not block.startswith("context_refiner"):
             shapes[f"{block}.adaLN_modulation.0.weight"] = (4 * dim, ada)
             shapes[f"{block}.adaLN_modulation.0.bias"] = (4 * dim,)

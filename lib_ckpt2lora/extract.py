@@ -43,11 +43,16 @@ class ExtractResult:
 
 @dataclass
 class Unit:
-    """One canonical weight to extract."""
+    """One LoRA module (or checkpoint tensor) to extract: one canonical weight, or several
+    stacked by rows when a format fuses them (Z-Image's qkv in ComfyUI style)."""
 
-    key: str
-    module: str
+    parts: tuple[str, ...]
+    module: str | None
     shape: tuple[int, ...]
+
+    @property
+    def key(self) -> str:
+        return self.parts[0]
 
 
 @dataclass
@@ -80,8 +85,13 @@ def extract(
     device = resolve_device(opts.device)
     with contextlib.ExitStack() as stack:
         plan = make_plan(opts, stack, log)
-        main, detail = run_plan(plan, opts, device, progress, should_stop, log)
-        outputs = write_outputs(plan, opts, main, detail)
+        if writes_checkpoint(opts):
+            from .checkpoint import write_checkpoint
+
+            outputs = write_checkpoint(plan, opts, Runner(plan, opts, device, log), progress, should_stop)
+        else:
+            main, detail = run_lora(plan, opts, device, progress, should_stop, log)
+            outputs = write_lora_outputs(plan, opts, main, detail)
     for line in plan.report.warnings:
         log("Warning: " + line)
     return ExtractResult(outputs, plan.arch.name, plan.report, list(plan.report.warnings))
@@ -165,16 +175,28 @@ def select_units(arch, fmt, base: FileView, sources, opts: ExtractOptions, repor
         elif not opts.full_layer:
             report.skip("1-D (use --full-layer)", key)
             continue
+        fused = None if writes_checkpoint(opts) else arch.fusion(key, fmt)
+        if fused == ():
+            continue  # written as part of the fused module its group's first key leads
+        parts = fused or (key,)
+        if any(part not in base.shapes or any(part not in s.shapes for s in sources) for part in parts):
+            report.skip("part of a fused weight missing", key)
+            continue
         module = arch.lora_module(key, fmt)
-        if module is None:
+        if module is None and not writes_checkpoint(opts):
             report.skip("not representable in a LoRA", key)
             continue
-        units.append(Unit(key, module, tuple(shape)))
+        rows = sum(base.shapes[part][0] for part in parts)
+        units.append(Unit(parts, module, (rows, *shape[1:])))
     for source in sources:
         extra = [k for k in source.shapes if k not in base.shapes]
         for key in extra:
             report.skip(f"only in {source.name}", key)
     return units
+
+
+def writes_checkpoint(opts: ExtractOptions) -> bool:
+    return opts.checkpoint or opts.checkpoint_full
 
 
 def choose_save_dtype(name: str, base_file: TensorFile) -> torch.dtype:
@@ -189,90 +211,123 @@ def choose_save_dtype(name: str, base_file: TensorFile) -> torch.dtype:
 
 
 # -- running ---------------------------------------------------------------------------
-def run_plan(plan: Plan, opts, device, progress, should_stop, log):
-    main: dict[str, torch.Tensor] = {}
-    detail: dict[str, torch.Tensor] = {}
-    report = plan.report
-    relative_deltas: list[float] = []
-    total = len(plan.units)
+@dataclass
+class Outcome:
+    tensors: dict[str, torch.Tensor]
+    detail: dict[str, torch.Tensor]
+    record: object
+    change: torch.Tensor | None = None  # what a checkpoint adds to the base (device, fp32)
 
-    def load(unit: Unit):
-        base = plan.base.read(unit.key)
-        if device.type == "cuda":
-            base = base.pin_memory()
-        return base, [source.load(unit.key) for source in plan.sources]
 
-    generator = torch.Generator(device=device).manual_seed(0)
-    for done, (unit, (base_tensor, loaded)) in enumerate(prefetched(plan.units, load, PREFETCH_DEPTH)):
-        if should_stop is not None and should_stop():
-            raise Cancelled()
+class Runner:
+    """Streams units through the compute device, with the CPU as fallback per unit."""
+
+    def __init__(self, plan: Plan, opts: ExtractOptions, device: torch.device, log):
+        self.plan, self.opts, self.device, self.log = plan, opts, device, log
+        self.generator = torch.Generator(device=device).manual_seed(0)
+        self.relative_deltas: list[float] = []
+
+    def load(self, unit: Unit):
+        """Read the base and variant tensors of a unit (runs in the reader thread)."""
+        bases = [self.plan.base.read(part) for part in unit.parts]
+        if self.device.type == "cuda":
+            bases = [tensor.pin_memory() for tensor in bases]
+        return bases, [[source.load(part) for part in unit.parts] for source in self.plan.sources]
+
+    def compute(self, unit: Unit, loaded, for_checkpoint: bool = False) -> Outcome | None:
         try:
-            outcome = process_unit(plan, opts, unit, base_tensor, loaded, device, generator)
+            outcome = self._compute_on(unit, loaded, self.device, self.generator, for_checkpoint)
         except RuntimeError as error:
-            if device.type != "cuda" or not is_out_of_memory(error):
+            if self.device.type != "cuda" or not is_out_of_memory(error):
                 raise
             torch.cuda.empty_cache()
-            log(f"Warning: {unit.key} does not fit on {device}; computing it on the CPU.")
-            outcome = process_unit(plan, opts, unit, base_tensor, loaded, torch.device("cpu"), None)
+            self.log(f"Warning: {unit.key} does not fit on {self.device}; computing it on the CPU.")
+            outcome = self._compute_on(unit, loaded, torch.device("cpu"), None, for_checkpoint)
         if outcome is not None:
-            tensors, detail_tensors, record = outcome
-            main.update(tensors)
-            detail.update(detail_tensors)
-            report.add(record)
-            relative_deltas.append(record.relative_delta)
+            self.plan.report.add(outcome.record)
+            self.relative_deltas.append(outcome.record.relative_delta)
+        return outcome
+
+    def _compute_on(self, unit: Unit, loaded, device, generator, for_checkpoint) -> Outcome | None:
+        plan, opts = self.plan, self.opts
+        base_parts, source_parts = loaded
+        bases = [tensor.to(device, non_blocking=True).float() for tensor in base_parts]
+        deltas = [
+            torch.cat([source.delta(item, base) for item, base in zip(items, bases)])
+            for source, items in zip(plan.sources, source_parts)
+        ]
+        base = torch.cat(bases) if len(bases) > 1 else bases[0]
+        if len(deltas) == 1:
+            delta = deltas[0]
+        else:
+            from .combine import combine
+
+            delta = combine(deltas[0], deltas[1], opts, generator)
+        if not bool(torch.isfinite(delta).all()):
+            plan.report.skip("NaN or Inf in the delta", unit.key)
+            plan.report.warnings.append(f"{unit.key} holds NaN or Inf in the variant; it was left out.")
+            return None
+        delta_norm = float(torch.linalg.vector_norm(delta))
+        if delta_norm == 0.0:
+            plan.report.skip("no change", unit.key)
+            return None
+        relative = delta_norm / max(float(torch.linalg.vector_norm(base)), 1e-12)
+        group = plan.arch.group(unit.key)
+        name = unit.module or unit.key
+        if len(unit.shape) == 1 or opts.checkpoint_full:
+            record = record_for(name, unit.key, group, unit.shape, 0, 0.0, 0.0, 1.0, relative)
+            suffix = ".diff_b" if unit.key.endswith(".bias") else ".diff"
+            tensors = {} if for_checkpoint or unit.module is None else {unit.module + suffix: delta.to("cpu", plan.save_dtype)}
+            return Outcome(tensors, {}, record, delta if for_checkpoint else None)
+        matrix = delta.reshape(unit.shape[0], -1)
+        exact = opts.svd == "exact"
+        fact = factorize(matrix, opts.rank, opts.rank_thresh, opts.rank_max, exact, generator)
+        style = plan.arch.formats[plan.fmt]
+        tensors = {}
+        if unit.module is not None and not for_checkpoint:
+            tensors = lora_tensors(unit, style, fact.up, fact.down, fact.rank, plan.save_dtype)
+        detail = {}
+        if opts.detail and unit.module is not None:
+            residual = matrix - fact.up @ fact.down
+            if float(torch.linalg.vector_norm(residual)) > 0:
+                extra = factorize(residual, opts.rank, opts.rank_thresh, opts.rank_max, exact, generator)
+                detail = lora_tensors(unit, style, extra.up * opts.detail_scale, extra.down, extra.rank, plan.save_dtype)
+        record = record_for(name, unit.key, group, unit.shape, fact.rank, fact.s_max, fact.s_min, fact.energy, relative)
+        change = (fact.up @ fact.down).reshape(unit.shape) if for_checkpoint else None
+        return Outcome(tensors, detail, record, change)
+
+    def finish(self) -> None:
+        report = self.plan.report
+        if self.relative_deltas and statistics.median(self.relative_deltas) > NOT_DERIVED_RELATIVE_DELTA:
+            report.warnings.append(
+                f"The variant does not look derived from the base: the median layer changes by "
+                f"{100 * statistics.median(self.relative_deltas):.0f}% of its weight (fine-tunes and merges "
+                "change a few percent); a LoRA from this pair will not reproduce the variant. "
+                "Check that base and variant belong together (e.g. do not mix Z-Image Base and Turbo)."
+            )
+        if not self.relative_deltas:
+            raise UserError(
+                f"No difference to extract: {self.opts.variant.name} matches {self.opts.base.name} in every "
+                "selected layer; nothing was written."
+            )
+
+
+def run_lora(plan: Plan, opts, device, progress, should_stop, log) -> tuple[dict, dict]:
+    runner = Runner(plan, opts, device, log)
+    main: dict[str, torch.Tensor] = {}
+    detail: dict[str, torch.Tensor] = {}
+    total = len(plan.units)
+    for done, (unit, loaded) in enumerate(prefetched(plan.units, runner.load, PREFETCH_DEPTH)):
+        if should_stop is not None and should_stop():
+            raise Cancelled()
+        outcome = runner.compute(unit, loaded)
+        if outcome is not None:
+            main.update(outcome.tensors)
+            detail.update(outcome.detail)
         if progress is not None:
             progress(done + 1, total, unit.key)
-    if relative_deltas and statistics.median(relative_deltas) > NOT_DERIVED_RELATIVE_DELTA:
-        report.warnings.append(
-            f"The variant does not look derived from the base: the median layer changes by "
-            f"{100 * statistics.median(relative_deltas):.0f}% of its weight (fine-tunes and merges "
-            "change a few percent); a LoRA from this pair will not reproduce the variant. "
-            "Check that base and variant belong together (e.g. do not mix Z-Image Base and Turbo)."
-        )
-    if not main:
-        raise UserError(
-            f"No difference to extract: {opts.variant.name} matches {opts.base.name} in every "
-            "selected layer; nothing was written."
-        )
+    runner.finish()
     return main, detail
-
-
-def process_unit(plan: Plan, opts, unit: Unit, base_tensor, loaded, device, generator):
-    base = base_tensor.to(device, non_blocking=True).float()
-    deltas = [source.delta(item, base) for source, item in zip(plan.sources, loaded)]
-    if len(deltas) == 1:
-        delta = deltas[0]
-    else:
-        from .combine import combine
-
-        delta = combine(deltas[0], deltas[1], opts, generator)
-    if not bool(torch.isfinite(delta).all()):
-        plan.report.skip("NaN or Inf in the delta", unit.key)
-        plan.report.warnings.append(f"{unit.key} holds NaN or Inf in the variant; it was left out of the LoRA.")
-        return None
-    delta_norm = float(torch.linalg.vector_norm(delta))
-    if delta_norm == 0.0:
-        plan.report.skip("no change", unit.key)
-        return None
-    relative = delta_norm / max(float(torch.linalg.vector_norm(base)), 1e-12)
-    group = plan.arch.group(unit.key)
-    style = plan.arch.formats[plan.fmt]
-    dtype = plan.save_dtype
-    if len(unit.shape) == 1:
-        suffix = ".diff_b" if unit.key.endswith(".bias") else ".diff"
-        record = record_for(unit.module, unit.key, group, unit.shape, 0, 0.0, 0.0, 1.0, relative)
-        return {unit.module + suffix: delta.to("cpu", dtype)}, {}, record
-    matrix = delta.reshape(unit.shape[0], -1)
-    fact = factorize(matrix, opts.rank, opts.rank_thresh, opts.rank_max, opts.svd == "exact", generator)
-    tensors = lora_tensors(unit, style, fact.up, fact.down, fact.rank, dtype)
-    detail = {}
-    if opts.detail:
-        residual = matrix - fact.up @ fact.down
-        if float(torch.linalg.vector_norm(residual)) > 0:
-            extra = factorize(residual, opts.rank, opts.rank_thresh, opts.rank_max, opts.svd == "exact", generator)
-            detail = lora_tensors(unit, style, extra.up * opts.detail_scale, extra.down, extra.rank, dtype)
-    record = record_for(unit.module, unit.key, group, unit.shape, fact.rank, fact.s_max, fact.s_min, fact.energy, relative)
-    return tensors, detail, record
 
 
 def lora_tensors(unit: Unit, style, up: torch.Tensor, down: torch.Tensor, rank: int, dtype) -> dict[str, torch.Tensor]:
@@ -290,21 +345,22 @@ def lora_tensors(unit: Unit, style, up: torch.Tensor, down: torch.Tensor, rank: 
 
 
 # -- writing ---------------------------------------------------------------------------
-def write_outputs(plan: Plan, opts: ExtractOptions, main, detail) -> list[Path]:
-    ranks = [r.rank for r in plan.report.layers]
-    title = opts.out.stem
+def write_lora_outputs(plan: Plan, opts: ExtractOptions, main, detail) -> list[Path]:
     outputs = []
-    write_tensors(opts.out, main, lora_metadata(plan.arch, opts, ranks, title, plan.fmt), opts.overwrite)
-    outputs.append(opts.out)
+    if main:
+        ranks = [r.rank for r in plan.report.layers]
+        write_tensors(opts.out, main, lora_metadata(plan.arch, opts, ranks, opts.out.stem, plan.fmt), opts.overwrite)
+        outputs.append(opts.out)
     if opts.detail and detail:
         path = detail_path(opts.out)
-        detail_ranks = [int(t.shape[0]) for name, t in detail.items() if name.endswith(plan.arch.formats[plan.fmt].down)]
+        down = plan.arch.formats[plan.fmt].down
+        detail_ranks = [int(t.shape[0]) for name, t in detail.items() if name.endswith(down)]
+        metadata = lora_metadata(plan.arch, opts, detail_ranks, path.stem, plan.fmt, kind="detail")
         try:
-            write_tensors(
-                path, detail, lora_metadata(plan.arch, opts, detail_ranks, path.stem, plan.fmt, kind="detail"), opts.overwrite
-            )
+            write_tensors(path, detail, metadata, opts.overwrite)
         except BaseException:
-            opts.out.unlink(missing_ok=True)  # all or nothing
+            for written in outputs:  # all or nothing
+                written.unlink(missing_ok=True)
             raise
         outputs.append(path)
     return outputs

@@ -53,12 +53,8 @@ def factorize(
     """Split a 2-D fp32 delta into balanced factors up @ down of the chosen rank."""
     rows, cols = delta.shape
     total_energy = float(torch.linalg.vector_norm(delta, dtype=torch.float64) ** 2)
-    bound = min(rows, cols)
-    wanted = target_rank(fixed_rank, cap, bound)
-    if exact or wanted + OVERSAMPLE >= EXACT_FRACTION * bound:
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    else:
-        u, s, vh = randomized_svd(delta, wanted + OVERSAMPLE, POWER_ITERATIONS, generator)
+    wanted = target_rank(fixed_rank, cap, min(rows, cols))
+    u, s, vh = top_singular_triplets(delta, wanted, exact, generator)
     rank = wanted if fixed_rank > 0 else rank_for_energy(s, total_energy, threshold, wanted)
     rank = max(1, min(rank, len(s)))
     root = s[:rank].sqrt()
@@ -66,6 +62,26 @@ def factorize(
     down = root[:, None] * vh[:rank]
     singular = s[: max(rank, min(len(s), wanted))].float().cpu()
     return Factorization(up, down, rank, singular, total_energy, captured_energy(s, rank, total_energy))
+
+
+def dominant_subspaces(
+    delta: torch.Tensor, threshold: float, cap: int, exact: bool = False, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal bases (U_r, V_r) of the left and right spaces holding ``threshold`` of the energy."""
+    total_energy = float(torch.linalg.vector_norm(delta, dtype=torch.float64) ** 2)
+    wanted = target_rank(0, cap, min(delta.shape))
+    u, s, vh = top_singular_triplets(delta, wanted, exact, generator)
+    rank = max(1, min(rank_for_energy(s, total_energy, threshold, wanted), len(s)))
+    return u[:, :rank], vh[:rank].T
+
+
+def top_singular_triplets(
+    delta: torch.Tensor, wanted: int, exact: bool, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """At least ``wanted`` leading singular triplets: randomized unless that costs as much as exact."""
+    if exact or wanted + OVERSAMPLE >= EXACT_FRACTION * min(delta.shape):
+        return torch.linalg.svd(delta, full_matrices=False)
+    return randomized_svd(delta, wanted + OVERSAMPLE, POWER_ITERATIONS, generator)
 
 
 def randomized_svd(

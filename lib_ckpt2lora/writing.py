@@ -104,8 +104,11 @@ def write_streamed(
     produce: Callable[[int, str], torch.Tensor],
     metadata: dict[str, str],
     overwrite: bool,
+    before_rename: Callable[[], None] | None = None,
 ) -> None:
-    """Write tensors one at a time: ``produce(i, name)`` returns entry i, already cast."""
+    """Write tensors one at a time: ``produce(i, name)`` returns entry i, already cast.
+
+    ``before_rename`` may raise to abandon a complete file (e.g. it holds no change)."""
     header, sizes = build_header(entries, metadata)
     with atomic_file(path, overwrite) as (_, handle):
         handle.write(header)
@@ -117,6 +120,8 @@ def write_streamed(
             if data.nbytes != sizes[index]:
                 raise RuntimeError(f"internal: {name} has {data.nbytes} bytes, expected {sizes[index]}")
             handle.write(data)
+        if before_rename is not None:
+            before_rename()
 
 
 def write_tensors(

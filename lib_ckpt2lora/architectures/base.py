@@ -79,6 +79,20 @@ class Architecture:
         path = self.module_path(canonical_key)
         return None if path is None else self.format_prefix(fmt) + path
 
+    def fusion(self, canonical_key: str, fmt: str) -> tuple[str, ...] | None:
+        """Keys written as one fused LoRA module in this format, when ``canonical_key``
+        leads such a group; () when another key leads its group; None when not fused."""
+        return None
+
+    def lora_aliases(self, canonical_key: str) -> list[str]:
+        """Every module name a LoRA file may use for this weight (any prefix, any style)."""
+        names = {self.lora_module(canonical_key, fmt) for fmt in self.formats}
+        return sorted(name for name in names if name)
+
+    def fused_aliases(self, canonical_keys) -> dict[str, list[tuple[str, tuple[int, int]]]]:
+        """LoRA module names that cover several canonical weights by row ranges of up."""
+        return {}
+
     def format_prefix(self, fmt: str) -> str:
         return ""
 

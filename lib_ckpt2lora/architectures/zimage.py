@@ -26,6 +26,18 @@ AUX_NAMES = {
     "all_final_layer.2-1": "final_layer",
 }
 BLOCKS_PER_LEVEL = 6
+QKV_WEIGHTS = (".attention.to_q.weight", ".attention.to_k.weight", ".attention.to_v.weight")
+
+
+def original_name(module: str) -> str:
+    """A diffusers module path in the original layout's spelling (qkv stays split)."""
+    dotted = module + "."
+    for old, new in RENAMES:
+        if new.startswith("."):
+            dotted = dotted.replace(new, old)
+        elif dotted.startswith(new):
+            dotted = old + dotted[len(new) :]
+    return dotted[:-1]
 
 
 class ZImage(Architecture):
@@ -84,6 +96,40 @@ class ZImage(Architecture):
     def module_path(self, canonical_key):
         module, param = strip_weight_suffix(canonical_key)
         return module if param else None
+
+    def lora_module(self, canonical_key, fmt):
+        if fmt != "comfy":
+            return super().lora_module(canonical_key, fmt)
+        module, param = strip_weight_suffix(canonical_key)
+        if not param:
+            return None
+        if module.endswith(".attention.to_q"):
+            module = module[: -len("to_q")] + "qkv"
+        return "diffusion_model." + original_name(module)
+
+    def fusion(self, canonical_key, fmt):
+        if fmt != "comfy" or not canonical_key.endswith(QKV_WEIGHTS):
+            return None
+        if not canonical_key.endswith(".to_q.weight"):
+            return ()
+        block = canonical_key[: -len("to_q.weight")]
+        return tuple(f"{block}to_{name}.weight" for name in "qkv")
+
+    def lora_aliases(self, canonical_key):
+        names = set(super().lora_aliases(canonical_key))
+        module, param = strip_weight_suffix(canonical_key)
+        if param:
+            names.add(original_name(module))
+        return sorted(names)
+
+    def fused_aliases(self, canonical_keys):
+        fused = {}
+        for key in canonical_keys:
+            if key.endswith(".attention.to_q.weight"):
+                block = key[: -len(".to_q.weight")]
+                parts = [f"{block}.to_{name}.weight" for name in "qkv"]
+                fused[block + ".qkv"] = parts
+        return fused
 
     def format_prefix(self, fmt):
         return "transformer." if fmt == "diffusers" else "diffusion_model."

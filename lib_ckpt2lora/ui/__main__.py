@@ -1,6 +1,6 @@
 """The tab as a gradio app, for people without the WebUI (ComfyUI users, servers).
 
-    python -m lib_ckpt2lora.ui --models-dir models/checkpoints --lora-dir models/loras
+python -m lib_ckpt2lora.ui --models-dir models/checkpoints --lora-dir models/loras
 """
 
 from __future__ import annotations
@@ -18,10 +18,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="python -m lib_ckpt2lora.ui",
         description="Serve the ckpt2lora tab as a standalone gradio app.",
     )
-    parser.add_argument("--models-dir", required=True, type=Path,
-                        help="folder with the checkpoints (searched recursively); checkpoints are saved here")
-    parser.add_argument("--lora-dir", required=True, type=Path,
-                        help="folder with the LoRAs; LoRAs are saved here")
+    parser.add_argument(
+        "--models-dir",
+        required=True,
+        type=Path,
+        help="folder with the checkpoints (searched recursively); checkpoints are saved here",
+    )
+    parser.add_argument("--lora-dir", required=True, type=Path, help="folder with the LoRAs; LoRAs are saved here")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=7861, help="port (default 7861)")
     parser.add_argument("--layer-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # demos and tests

@@ -16,10 +16,18 @@ def table_rows(report: dict) -> list[list[str]]:
     rows = []
     for group in report.get("groups", []):
         level = group["level"] + (" (aux)" if group.get("auxiliary") else "")
-        rows.append([
-            level, group["type"], str(group["n"]), f"{group['rank']:.1f}", _s(group["s_max"]),
-            _s(group["s_min"]), f"{group['ratio']:.1f}x", f"{100 * group['energy']:.1f}%",
-        ])
+        rows.append(
+            [
+                level,
+                group["type"],
+                str(group["n"]),
+                f"{group['rank']:.1f}",
+                _s(group["s_max"]),
+                _s(group["s_min"]),
+                f"{group['ratio']:.1f}x",
+                f"{100 * group['energy']:.1f}%",
+            ]
+        )
     total = report.get("total") or {}
     if total.get("n"):
         rows.append(["Total", "ALL", str(total["n"]), f"{total['rank']:.1f}", "", "", "", f"{100 * total['energy']:.1f}%"])
@@ -71,9 +79,7 @@ def chart_svg(report: dict) -> str:
             f"<text x='{cx:.1f}' y='{cy:.1f}' transform='rotate(55 {cx:.1f} {cy:.1f})' class='ckpt2lora-label'>{label}</text>"
         )
     out.append(
-        "<polyline class='ckpt2lora-energy' fill='none' points='"
-        + " ".join(f"{x:.1f},{y:.1f}" for x, y, _ in points)
-        + "'/>"
+        "<polyline class='ckpt2lora-energy' fill='none' points='" + " ".join(f"{x:.1f},{y:.1f}" for x, y, _ in points) + "'/>"
     )
     for x, y, tip in points:
         out.append(f"<circle cx='{x:.1f}' cy='{y:.1f}' r='3.5' class='ckpt2lora-dot'><title>{tip}</title></circle>")

@@ -83,7 +83,7 @@ def choice_stem(choice: str | None) -> str:
     """'LoRA: styles/foo' -> 'foo'; 'sub/model.safetensors [abc123]' -> 'model'."""
     if not choice or choice == NONE_CHOICE:
         return ""
-    text = choice[len(LORA_PREFIX):] if is_lora_choice(choice) else choice
+    text = choice[len(LORA_PREFIX) :] if is_lora_choice(choice) else choice
     text = text.split(" [")[0].replace("\\", "/")
     name = PurePosixPath(text).name
     for ext in (".safetensors", ".ckpt", ".pt", ".sft"):
@@ -204,7 +204,7 @@ def plan_job(services, form: Form) -> Plan:
 
 def resolve_model(services, choice: str, role: str) -> Path:
     if is_lora_choice(choice):
-        name = choice[len(LORA_PREFIX):]
+        name = choice[len(LORA_PREFIX) :]
         path = services.resolve_lora(name)
         if path is None:
             raise UserError(f"The LoRA {name} is not in the Lora list any more: press refresh and choose again.")

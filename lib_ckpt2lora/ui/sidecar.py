@@ -60,12 +60,14 @@ def write_sidecar(
                 data = loaded
         except (OSError, ValueError):
             data = {}
-    data.update({
-        "description": description,
-        "sd version": sd_version,
-        "activation text": activation_text,
-        "preferred weight": preferred_weight,
-    })
+    data.update(
+        {
+            "description": description,
+            "sd version": sd_version,
+            "activation text": activation_text,
+            "preferred weight": preferred_weight,
+        }
+    )
     data.setdefault("negative text", "")
     data.setdefault("notes", "")
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)

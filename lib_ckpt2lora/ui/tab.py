@@ -73,98 +73,158 @@ def build_tab(services, css: str | None = None, title: str | None = None) -> gr.
             with gr.Column(scale=3, elem_id=_id("inputs")):
                 with gr.Row(elem_classes=["ckpt2lora-models"]):
                     c["base"] = gr.Dropdown(
-                        label="Base model", choices=choices["base"], value=None, elem_id=_id("base"),
+                        label="Base model",
+                        choices=choices["base"],
+                        value=None,
+                        elem_id=_id("base"),
                         info="The model the variant was trained or merged from.",
                     )
                     c["variant"] = gr.Dropdown(
-                        label="Variant (checkpoint or LoRA)", choices=choices["variant"], value=None,
-                        elem_id=_id("variant"), info="The fine-tuned or merged model whose difference you want.",
+                        label="Variant (checkpoint or LoRA)",
+                        choices=choices["variant"],
+                        value=None,
+                        elem_id=_id("variant"),
+                        info="The fine-tuned or merged model whose difference you want.",
                     )
                     refresh = services.tool_button("\U0001f504", _id("refresh"), "Refresh the model lists")
                 with gr.Accordion("Second variant (common part / union)", open=False, elem_id=_id("second")):
                     with gr.Row():
                         c["variant2"] = gr.Dropdown(
-                            label="Second variant", choices=choices["variant2"], value=job.NONE_CHOICE,
+                            label="Second variant",
+                            choices=choices["variant2"],
+                            value=job.NONE_CHOICE,
                             elem_id=_id("variant2"),
                         )
                         c["mode"] = gr.Radio(
-                            label="Mode", choices=list(job.MODES), value=defaults.mode, elem_id=_id("mode"),
+                            label="Mode",
+                            choices=list(job.MODES),
+                            value=defaults.mode,
+                            elem_id=_id("mode"),
                             info="common: what both variants share; union: both, the shared part once.",
                         )
                     c["alpha"] = gr.Slider(
-                        label="Union balance alpha (weights 2*alpha and 2*(1-alpha))", minimum=0.0, maximum=1.0,
-                        step=0.05, value=defaults.alpha, elem_id=_id("alpha"),
+                        label="Union balance alpha (weights 2*alpha and 2*(1-alpha))",
+                        minimum=0.0,
+                        maximum=1.0,
+                        step=0.05,
+                        value=defaults.alpha,
+                        elem_id=_id("alpha"),
                     )
                 with gr.Row():
                     c["output_kind"] = gr.Radio(
-                        label="Output", choices=list(job.OUTPUT_KINDS), value=defaults.output_kind,
+                        label="Output",
+                        choices=list(job.OUTPUT_KINDS),
+                        value=defaults.output_kind,
                         elem_id=_id("output_kind"),
                     )
                     c["name"] = gr.Textbox(
-                        label="Output name", value="", placeholder="derived from the variant's name",
+                        label="Output name",
+                        value="",
+                        placeholder="derived from the variant's name",
                         elem_id=_id("name"),
                     )
                 with gr.Row():
                     c["rank"] = gr.Slider(
-                        label="Rank (0 = automatic)", minimum=0, maximum=512, step=1, value=defaults.rank,
+                        label="Rank (0 = automatic)",
+                        minimum=0,
+                        maximum=512,
+                        step=1,
+                        value=defaults.rank,
                         elem_id=_id("rank"),
                     )
                     c["rank_thresh"] = gr.Slider(
-                        label="Automatic rank: energy to keep", minimum=0.5, maximum=1.0, step=0.005,
-                        value=defaults.rank_thresh, elem_id=_id("rank_thresh"),
+                        label="Automatic rank: energy to keep",
+                        minimum=0.5,
+                        maximum=1.0,
+                        step=0.005,
+                        value=defaults.rank_thresh,
+                        elem_id=_id("rank_thresh"),
                     )
                     c["rank_max"] = gr.Slider(
-                        label="Automatic rank: at most", minimum=1, maximum=512, step=1, value=defaults.rank_max,
+                        label="Automatic rank: at most",
+                        minimum=1,
+                        maximum=512,
+                        step=1,
+                        value=defaults.rank_max,
                         elem_id=_id("rank_max"),
                     )
                 with gr.Accordion("Advanced", open=False, elem_id=_id("advanced")):
                     with gr.Row():
                         c["min_dim"] = gr.Slider(
-                            label="Skip layers smaller than (min dim)", minimum=0, maximum=1024, step=1,
-                            value=defaults.min_dim, elem_id=_id("min_dim"),
+                            label="Skip layers smaller than (min dim)",
+                            minimum=0,
+                            maximum=1024,
+                            step=1,
+                            value=defaults.min_dim,
+                            elem_id=_id("min_dim"),
                         )
                         c["include"] = gr.Textbox(
-                            label="Include only (comma-separated key parts)", value=defaults.include,
-                            placeholder="e.g. attn,ff", elem_id=_id("include"),
+                            label="Include only (comma-separated key parts)",
+                            value=defaults.include,
+                            placeholder="e.g. attn,ff",
+                            elem_id=_id("include"),
                         )
                         c["exclude"] = gr.Textbox(
-                            label="Exclude (comma-separated key parts)", value=defaults.exclude,
-                            placeholder="e.g. refiner,embed", elem_id=_id("exclude"),
+                            label="Exclude (comma-separated key parts)",
+                            value=defaults.exclude,
+                            placeholder="e.g. refiner,embed",
+                            elem_id=_id("exclude"),
                         )
                     with gr.Row():
                         c["full_layer"] = gr.Checkbox(
-                            label="Full layer: also 1-D weights (norms, biases) as .diff", value=defaults.full_layer,
+                            label="Full layer: also 1-D weights (norms, biases) as .diff",
+                            value=defaults.full_layer,
                             elem_id=_id("full_layer"),
                         )
                         c["detail"] = gr.Checkbox(
-                            label="Detail: also save the residual as NAME_detail", value=defaults.detail,
+                            label="Detail: also save the residual as NAME_detail",
+                            value=defaults.detail,
                             elem_id=_id("detail"),
                         )
                         c["detail_scale"] = gr.Slider(
-                            label="Detail scale", minimum=0.0, maximum=4.0, step=0.05, value=defaults.detail_scale,
+                            label="Detail scale",
+                            minimum=0.0,
+                            maximum=4.0,
+                            step=0.05,
+                            value=defaults.detail_scale,
                             elem_id=_id("detail_scale"),
                         )
                     with gr.Row():
                         c["format"] = gr.Dropdown(
-                            label="LoRA key format", choices=list(FORMATS), value=defaults.format, elem_id=_id("format"),
+                            label="LoRA key format",
+                            choices=list(FORMATS),
+                            value=defaults.format,
+                            elem_id=_id("format"),
                         )
                         c["save_dtype"] = gr.Dropdown(
-                            label="Save dtype", choices=list(SAVE_DTYPES), value=defaults.save_dtype,
+                            label="Save dtype",
+                            choices=list(SAVE_DTYPES),
+                            value=defaults.save_dtype,
                             elem_id=_id("save_dtype"),
                         )
                         c["device"] = gr.Dropdown(
-                            label="Device", choices=list(job.DEVICES), value=defaults.device, elem_id=_id("device"),
+                            label="Device",
+                            choices=list(job.DEVICES),
+                            value=defaults.device,
+                            elem_id=_id("device"),
                         )
                         c["svd"] = gr.Radio(
-                            label="SVD", choices=list(SVD_MODES), value=defaults.svd, elem_id=_id("svd"),
+                            label="SVD",
+                            choices=list(SVD_MODES),
+                            value=defaults.svd,
+                            elem_id=_id("svd"),
                         )
                 with gr.Row(elem_classes=["ckpt2lora-switches"]):
                     c["free_model"] = gr.Checkbox(
-                        label="Free the WebUI's loaded model first", value=False, elem_id=_id("free_model"),
+                        label="Free the WebUI's loaded model first",
+                        value=False,
+                        elem_id=_id("free_model"),
                         visible=services.can_free_model,
                     )
                     c["overwrite"] = gr.Checkbox(
-                        label="Overwrite an existing file", value=False, elem_id=_id("overwrite"),
+                        label="Overwrite an existing file",
+                        value=False,
+                        elem_id=_id("overwrite"),
                     )
                 with gr.Row(elem_classes=["ckpt2lora-actions"]):
                     extract_button = gr.Button("Extract", variant="primary", elem_id=_id("extract"))
@@ -173,14 +233,25 @@ def build_tab(services, css: str | None = None, title: str | None = None) -> gr.
                 status = gr.HTML("", elem_id=_id("status"))
                 with gr.Row(elem_classes=["ckpt2lora-followups"]):
                     send_button = gr.Button(
-                        "Send to txt2img", elem_id=_id("send_txt2img"), visible=False, variant="secondary",
+                        "Send to txt2img",
+                        elem_id=_id("send_txt2img"),
+                        visible=False,
+                        variant="secondary",
                     )
                     use_button = gr.Button(
-                        "Use this checkpoint", elem_id=_id("use_checkpoint"), visible=False, variant="secondary",
+                        "Use this checkpoint",
+                        elem_id=_id("use_checkpoint"),
+                        visible=False,
+                        variant="secondary",
                     )
                 table = gr.Dataframe(
-                    headers=list(chart.COLUMNS), datatype=["str"] * len(chart.COLUMNS), value=None,
-                    interactive=False, visible=False, elem_id=_id("table"), label="Summary",
+                    headers=list(chart.COLUMNS),
+                    datatype=["str"] * len(chart.COLUMNS),
+                    value=None,
+                    interactive=False,
+                    visible=False,
+                    elem_id=_id("table"),
+                    label="Summary",
                 )
                 chart_html = gr.HTML("", elem_id=_id("chart"))
                 result_name = gr.Textbox("", visible=False, elem_id=_id("result_name"))
@@ -245,7 +316,9 @@ def build_tab(services, css: str | None = None, title: str | None = None) -> gr.
         if services.uses_task_id:
             inputs = [task_id, *inputs]
             extract_button.click(
-                fn=handler, inputs=inputs, outputs=outputs,
+                fn=handler,
+                inputs=inputs,
+                outputs=outputs,
                 **js_kwargs(f"(...args) => ckpt2lora.submit(args, {len(inputs)})"),
             )
         else:
@@ -255,8 +328,20 @@ def build_tab(services, css: str | None = None, title: str | None = None) -> gr.
         use_button.click(fn=None, inputs=[result_name], outputs=[], **js_kwargs("(title) => ckpt2lora.selectCheckpoint(title)"))
 
     blocks.ckpt2lora = SimpleNamespace(
-        components=c, inputs=inputs, outputs=outputs, handler=handler, extract_job=extract_job,
-        suggest=suggest, refresh=refresh, status=status, table=table, chart=chart_html,
-        send_button=send_button, use_button=use_button, stop_button=stop_button, extract_button=extract_button,
+        services=services,
+        components=c,
+        inputs=inputs,
+        outputs=outputs,
+        handler=handler,
+        extract_job=extract_job,
+        suggest=suggest,
+        refresh=refresh,
+        status=status,
+        table=table,
+        chart=chart_html,
+        send_button=send_button,
+        use_button=use_button,
+        stop_button=stop_button,
+        extract_button=extract_button,
     )
     return blocks

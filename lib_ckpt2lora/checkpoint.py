@@ -1,0 +1,75 @@
+"""Checkpoint outputs: base + low-rank delta (--checkpoint) or + full delta (--checkpoint-full).
+
+The output has every key of the base with the base's own dtype and shape, in the base's
+order, so its header is known before any work; tensors are then computed and streamed
+one raw key at a time (a fused q|k|v weight gathers its three row ranges first). Peak
+memory is a few tensors whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import defaultdict
+
+import torch
+
+from .constants import PREFETCH_DEPTH
+from .errors import Cancelled, UserError
+from .metadata import tool_metadata
+from .prefetch import prefetched
+from .writing import check_output_path, write_streamed
+
+# Room beyond the model's size kept free on the disk (filesystem metadata, other writers).
+DISK_MARGIN_BYTES = 64 * 2**20
+
+
+def write_checkpoint(plan, opts, runner, progress, should_stop):
+    base_file = plan.base.file
+    check_output_path(opts.out, opts.overwrite)
+    needed = sum(info.numel * torch.empty((), dtype=info.dtype).element_size() for info in base_file.infos.values())
+    free = shutil.disk_usage(opts.out.parent).free
+    if free < needed + DISK_MARGIN_BYTES:
+        raise UserError(
+            f"{opts.out.parent} has {free / 2**30:.1f} GiB free but the checkpoint needs "
+            f"{needed / 2**30:.1f} GiB; free some space or choose another folder."
+        )
+    units_by_raw = defaultdict(list)
+    for unit in plan.units:
+        units_by_raw[plan.base.refs[unit.key].key].append(unit)
+    raw_keys = list(base_file.infos)
+    total = len(plan.units)
+    done = 0
+
+    def load(raw_key):
+        return base_file.get(raw_key), [(unit, runner.load(unit)) for unit in units_by_raw.get(raw_key, [])]
+
+    stream = prefetched(raw_keys, load, PREFETCH_DEPTH)
+
+    def produce(index: int, name: str) -> torch.Tensor:
+        nonlocal done
+        raw_key, (base_tensor, unit_loads) = next(stream)
+        if should_stop is not None and should_stop():
+            raise Cancelled()
+        if not unit_loads:
+            return base_tensor
+        value = base_tensor.to(runner.device).float()
+        for unit, loaded in unit_loads:
+            outcome = runner.compute(unit, loaded, for_checkpoint=True)
+            done += 1
+            if progress is not None:
+                progress(done, total, unit.key)
+            if outcome is None:
+                continue
+            rows = plan.base.refs[unit.key].rows
+            target = value[rows[0] : rows[1]] if rows else value
+            target += outcome.change.to(value.device)
+        return value.to("cpu", base_tensor.dtype)
+
+    metadata = dict(base_file.metadata)
+    metadata.update(tool_metadata(opts, plan.arch, "checkpoint", "checkpoint-full" if opts.checkpoint_full else "checkpoint"))
+    entries = [(key, info.dtype, info.shape) for key, info in base_file.infos.items()]
+    try:
+        write_streamed(opts.out, entries, produce, metadata, opts.overwrite, before_rename=runner.finish)
+    finally:
+        stream.close()
+    return [opts.out]
