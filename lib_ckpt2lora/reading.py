@@ -67,6 +67,8 @@ class TensorFile:
         self.role = role
         self.metadata: dict[str, str] = {}
         self._handle = None
+        self._offsets: dict[str, tuple[int, int]] = {}
+        self._data_start = 0
         self._state_dict: dict[str, torch.Tensor] | None = None
         _check_is_readable_file(self.path, role)
         if self.path.suffix.lower() in PICKLE_SUFFIXES:
@@ -76,15 +78,14 @@ class TensorFile:
 
     # -- opening ---------------------------------------------------------------------
     def _open_safetensors(self) -> dict[str, TensorInfo]:
-        header, self.metadata = read_safetensors_header(self.path, self.role)
-        from safetensors import safe_open
-
+        # Plain positioned reads into fresh tensors, not a memory map: a map keeps every
+        # page it touched resident, so a whole pass would grow RSS to the model's size.
+        header, self.metadata, self._offsets = read_safetensors_header(self.path, self.role)
         try:
-            self._handle = safe_open(str(self.path), framework="pt", device="cpu")
-        except Exception as exc:  # the Rust reader's own validation
-            raise UserError(
-                f"The {self.role} file {self.path} is not a readable safetensors file ({_short(exc)}); download it again."
-            ) from None
+            self._handle = open(self.path, "rb")
+            self._data_start = 8 + struct.unpack("<Q", self._handle.read(8))[0]
+        except OSError as exc:
+            raise UserError(f"The {self.role} file {self.path} cannot be read ({exc.strerror}).") from None
         return header
 
     def _open_pickle(self) -> dict[str, TensorInfo]:
@@ -114,14 +115,28 @@ class TensorFile:
         if self._state_dict is not None:
             tensor = self._state_dict[key]
             return tensor[rows[0] : rows[1]] if rows else tensor
+        info = self.infos[key]
+        shape = list(info.shape)
+        begin, end = self._offsets[key]
+        if rows is not None:
+            row_bytes = (end - begin) // shape[0] if shape[0] else 0
+            begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
+            shape[0] = rows[1] - rows[0]
+        tensor = torch.empty(shape, dtype=info.dtype)
+        if end == begin:
+            return tensor
+        buffer = memoryview(tensor.view(-1).view(torch.uint8).numpy())
         try:
-            if rows is None:
-                return self._handle.get_tensor(key)
-            return self._handle.get_slice(key)[rows[0] : rows[1]]
-        except Exception as exc:
-            raise UserError(f"Could not read tensor {key} from {self.path} ({_short(exc)}); the file may be damaged.") from None
+            got = os.preadv(self._handle.fileno(), [buffer], self._data_start + begin)
+        except OSError as exc:
+            raise UserError(f"Could not read tensor {key} from {self.path} ({exc.strerror}).") from None
+        if got != end - begin:
+            raise UserError(f"The {self.role} file {self.path} is truncated at tensor {key}; download it again.")
+        return tensor
 
     def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
         self._handle = None
         self._state_dict = None
 
@@ -132,7 +147,9 @@ class TensorFile:
         self.close()
 
 
-def read_safetensors_header(path: Path, role: str = "model") -> tuple[dict[str, TensorInfo], dict[str, str]]:
+def read_safetensors_header(
+    path: Path, role: str = "model"
+) -> tuple[dict[str, TensorInfo], dict[str, str], dict[str, tuple[int, int]]]:
     """Parse and check a safetensors header: sizes, dtypes and offsets against the file."""
     size = path.stat().st_size
     if size < 8:
@@ -158,6 +175,7 @@ def read_safetensors_header(path: Path, role: str = "model") -> tuple[dict[str, 
         metadata = {}
     data_size = size - 8 - header_len
     infos: dict[str, TensorInfo] = {}
+    offsets: dict[str, tuple[int, int]] = {}
     for key, entry in header.items():
         try:
             dtype_name = entry["dtype"]
@@ -174,10 +192,17 @@ def read_safetensors_header(path: Path, role: str = "model") -> tuple[dict[str, 
             raise UserError(
                 f"The {role} file {path} is truncated or damaged: tensor {key} lies past the end of the file; download it again."
             )
-        infos[key] = TensorInfo(shape, SAFETENSORS_DTYPES[dtype_name])
+        info = TensorInfo(shape, SAFETENSORS_DTYPES[dtype_name])
+        if info.numel * torch.empty((), dtype=info.dtype).element_size() != end - begin:
+            raise UserError(
+                f"The {role} file {path} is damaged: tensor {key} has {end - begin} bytes for shape "
+                f"{list(shape)} {dtype_name}; download it again."
+            )
+        infos[key] = info
+        offsets[key] = (begin, end)
     if not infos:
         raise UserError(f"The {role} file {path} holds no tensors.")
-    return infos, {str(k): str(v) for k, v in metadata.items()}
+    return infos, {str(k): str(v) for k, v in metadata.items()}, offsets
 
 
 def _check_is_readable_file(path: Path, role: str) -> None:

@@ -164,7 +164,8 @@ def plan_job(services, form: Form) -> Plan:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UserError(f"The output folder {folder} cannot be created ({exc.strerror}).") from None
-    out = output_path(folder, form.name)
+    name = (form.name or "").strip() or default_name(form.variant, form.variant2, form.mode, form.output_kind)
+    out = output_path(folder, name)
     if not out.parent.is_dir():
         out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists() and not form.overwrite:
