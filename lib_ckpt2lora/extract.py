@@ -79,12 +79,12 @@ def extract(
     """Extract a LoRA (or a checkpoint) as ``opts`` says; see the module docstring."""
     log = log or _log_to_stderr
     opts.validate()
-    check_output_path(opts.out, opts.overwrite)
-    if opts.detail:
-        check_output_path(detail_path(opts.out), opts.overwrite)
     device = resolve_device(opts.device)
     with contextlib.ExitStack() as stack:
-        plan = make_plan(opts, stack, log)
+        plan = make_plan(opts, stack, log)  # reads headers only: input problems come first
+        check_output_path(opts.out, opts.overwrite)
+        if opts.detail:
+            check_output_path(detail_path(opts.out), opts.overwrite)
         if writes_checkpoint(opts):
             from .checkpoint import write_checkpoint
 
