@@ -170,7 +170,7 @@ class LoraSource:
             if kind == "bias":
                 total += tensors["diff_b"].reshape(base.shape)
                 continue
-            dense = dense_delta(module.name, tensors, rows, base.shape if rows is None else None)
+            dense = dense_delta(module.name, tensors)
             if rows is not None:
                 dense = dense.flatten(1)[rows[0] : rows[1]]
             total += dense.reshape(base.shape)
@@ -219,7 +219,7 @@ def alias_index(arch, base) -> dict[str, Target]:
     return {name: target for name, target in index.items() if target.parts or target.bias_key}
 
 
-def dense_delta(name: str, t: dict[str, torch.Tensor], rows, shape) -> torch.Tensor:
+def dense_delta(name: str, t: dict[str, torch.Tensor]) -> torch.Tensor:
     """The full delta one LoRA module adds to its weight (flattened to 2-D for convs)."""
     alpha = float(t["alpha"]) if "alpha" in t else None
     if "diff" in t:
