@@ -13,7 +13,6 @@ from collections import defaultdict
 
 import torch
 
-from .constants import PREFETCH_DEPTH
 from .errors import Cancelled, UserError
 from .metadata import tool_metadata
 from .prefetch import prefetched
@@ -41,9 +40,15 @@ def write_checkpoint(plan, opts, runner, progress, should_stop):
     done = 0
 
     def load(raw_key):
-        return base_file.get(raw_key), [(unit, runner.load(unit)) for unit in units_by_raw.get(raw_key, [])]
+        base_tensor = base_file.get(raw_key)
+        loads = []
+        for unit in units_by_raw.get(raw_key, []):
+            rows = plan.base.refs[unit.key].rows
+            loads.append((unit, runner.load(unit, [base_tensor[rows[0] : rows[1]] if rows else base_tensor])))
+        return base_tensor, loads
 
-    stream = prefetched(raw_keys, load, PREFETCH_DEPTH)
+    # The current tensor and the next one: reading overlaps computing, memory stays flat.
+    stream = prefetched(raw_keys, load, depth=2)
 
     def produce(index: int, name: str) -> torch.Tensor:
         nonlocal done
@@ -52,7 +57,7 @@ def write_checkpoint(plan, opts, runner, progress, should_stop):
             raise Cancelled()
         if not unit_loads:
             return base_tensor
-        value = base_tensor.to(runner.device).float()
+        value = base_tensor.to(runner.device, dtype=torch.float32, copy=True)
         for unit, loaded in unit_loads:
             outcome = runner.compute(unit, loaded, for_checkpoint=True)
             done += 1

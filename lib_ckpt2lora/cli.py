@@ -109,6 +109,7 @@ def options_from_args(args: argparse.Namespace) -> ExtractOptions:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _return_freed_memory_to_the_system()
     stop = threading.Event()
     _install_signal_handlers(stop)
     try:
@@ -135,6 +136,20 @@ def main(argv: list[str] | None = None) -> int:
         size = path.stat().st_size / 2**20
         print(f"Saved {path} ({size:.1f} MiB, {len(report.layers)} LoRA layers).")
     return 0
+
+
+def _return_freed_memory_to_the_system() -> None:
+    """Make glibc serve every block of 1 MiB or more by mmap, so a freed tensor goes back to
+    the system at once. By default glibc raises that threshold as large blocks are freed
+    and then keeps them in its heap: a streaming run would look as big as the model."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc: its allocator has its own policy
 
 
 def _progress_bar():

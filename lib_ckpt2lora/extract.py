@@ -227,9 +227,12 @@ class Runner:
         self.generator = torch.Generator(device=device).manual_seed(0)
         self.relative_deltas: list[float] = []
 
-    def load(self, unit: Unit):
-        """Read the base and variant tensors of a unit (runs in the reader thread)."""
-        bases = [self.plan.base.read(part) for part in unit.parts]
+    def load(self, unit: Unit, bases: list[torch.Tensor] | None = None):
+        """Read the base and variant tensors of a unit (runs in the reader thread).
+
+        ``bases``: the unit's base tensors when the caller has already read them."""
+        if bases is None:
+            bases = [self.plan.base.read(part) for part in unit.parts]
         if self.device.type == "cuda":
             bases = [tensor.pin_memory() for tensor in bases]
         return bases, [[source.load(part) for part in unit.parts] for source in self.plan.sources]
@@ -253,10 +256,11 @@ class Runner:
         base_parts, source_parts = loaded
         bases = [tensor.to(device, non_blocking=True).float() for tensor in base_parts]
         deltas = [
-            torch.cat([source.delta(item, base) for item, base in zip(items, bases)])
+            _stack_rows([source.delta(item, base) for item, base in zip(items, bases)])
             for source, items in zip(plan.sources, source_parts)
         ]
-        base = torch.cat(bases) if len(bases) > 1 else bases[0]
+        base = _stack_rows(bases)
+        del bases, base_parts, source_parts
         if len(deltas) == 1:
             delta = deltas[0]
         else:
@@ -285,13 +289,15 @@ class Runner:
         style = plan.arch.formats[plan.fmt]
         tensors = {}
         if unit.module is not None and not for_checkpoint:
-            tensors = lora_tensors(unit, style, fact.up, fact.down, fact.rank, plan.save_dtype)
+            tensors = lora_tensors(unit, style, fact.up, fact.down, fact.rank, plan.save_dtype, lora_alpha(opts))
         detail = {}
         if opts.detail and unit.module is not None:
             residual = matrix - fact.up @ fact.down
             if float(torch.linalg.vector_norm(residual)) > 0:
                 extra = factorize(residual, opts.rank, opts.rank_thresh, opts.rank_max, exact, generator)
-                detail = lora_tensors(unit, style, extra.up * opts.detail_scale, extra.down, extra.rank, plan.save_dtype)
+                detail = lora_tensors(
+                    unit, style, extra.up * opts.detail_scale, extra.down, extra.rank, plan.save_dtype, lora_alpha(opts)
+                )
         record = record_for(name, unit.key, group, unit.shape, fact.rank, fact.s_max, fact.s_min, fact.energy, relative)
         change = (fact.up @ fact.down).reshape(unit.shape) if for_checkpoint else None
         return Outcome(tensors, detail, record, change)
@@ -330,8 +336,23 @@ def run_lora(plan: Plan, opts, device, progress, should_stop, log) -> tuple[dict
     return main, detail
 
 
-def lora_tensors(unit: Unit, style, up: torch.Tensor, down: torch.Tensor, rank: int, dtype) -> dict[str, torch.Tensor]:
+def lora_alpha(opts: ExtractOptions) -> int:
+    """The one alpha every module of a kohya-style file gets: the rank cap.
+
+    Loaders scale a module by alpha / rank. diffusers reads kohya alphas through a key
+    spelling that misses attention modules and falls back to the most common alpha, so
+    per-module alphas (alpha = own rank) load wrongly there; one shared alpha, with
+    rank / alpha folded into the factors, loads exactly in every loader."""
+    return opts.rank if opts.rank > 0 else opts.rank_max
+
+
+def lora_tensors(
+    unit: Unit, style, up: torch.Tensor, down: torch.Tensor, rank: int, dtype, alpha: int
+) -> dict[str, torch.Tensor]:
     """Factors in the layer's own layout: conv kernels as LoCon (down k x k, up 1 x 1)."""
+    if style.writes_alpha and rank != alpha:
+        fold = (rank / alpha) ** 0.5  # up @ down * alpha / rank == the delta
+        up, down = up * fold, down * fold
     if len(unit.shape) > 2:
         down = down.reshape(rank, *unit.shape[1:])
         up = up.reshape(unit.shape[0], rank, *([1] * (len(unit.shape) - 2)))
@@ -340,7 +361,7 @@ def lora_tensors(unit: Unit, style, up: torch.Tensor, down: torch.Tensor, rank: 
         unit.module + style.up: up.to("cpu", dtype).contiguous(),
     }
     if style.writes_alpha:
-        tensors[unit.module + ".alpha"] = torch.tensor(float(rank), dtype=dtype)
+        tensors[unit.module + ".alpha"] = torch.tensor(float(alpha), dtype=dtype)
     return tensors
 
 
@@ -364,6 +385,10 @@ def write_lora_outputs(plan: Plan, opts: ExtractOptions, main, detail) -> list[P
             raise
         outputs.append(path)
     return outputs
+
+
+def _stack_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 def _prod(values) -> int:

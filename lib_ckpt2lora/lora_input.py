@@ -16,6 +16,8 @@ Formulas (scale = alpha / rank, or 1 without alpha):
 
 from __future__ import annotations
 
+import json
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -71,7 +73,21 @@ PREFIXES = (
     ("text_encoder_2.", "te2"),
     ("text_encoder.", "te"),
 )
-LORA_MARKERS = (".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", ".hada_w1_", ".lokr_w", "_lora.up.", ".lora.up.")
+LORA_MARKERS = (
+    ".lora_down.",
+    ".lora_up.",
+    ".lora_A.",
+    ".lora_B.",
+    ".hada_w1_",
+    ".lokr_w",
+    "_lora.up.",
+    ".lora.up.",
+    ".lora_linear_layer.up.",
+)
+# Where diffusers/peft keep alpha when a file has no ``.alpha`` tensors: a LoraConfig as
+# JSON in the header, its keys optionally prefixed by the pipeline component.
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+COMPONENTS = {"unet": ("transformer.", "unet."), "te": ("text_encoder.",), "te2": ("text_encoder_2.",)}
 LORA_ENDINGS = (".diff", ".diff_b")
 
 
@@ -123,6 +139,7 @@ class LoraSource:
         self.file = file
         self.name = file.path.name
         modules = parse_modules(file)
+        self.config_alphas = adapter_config_alphas(file.metadata, modules)
         index = alias_index(arch, base)
         self.targets: dict[str, list[tuple[LoraModule, str, tuple[int, int] | None]]] = defaultdict(list)
         unmatched = []
@@ -158,10 +175,13 @@ class LoraSource:
         self.shapes = {key: base.shapes[key] for key in self.targets}
 
     def load(self, key: str):
-        return [
-            (module, kind, rows, {role: self.file.get(k) for role, k in module.tensors.items()})
-            for module, kind, rows in self.targets[key]
-        ]
+        loaded = []
+        for module, kind, rows in self.targets[key]:
+            tensors = {role: self.file.get(k) for role, k in module.tensors.items()}
+            if "alpha" not in tensors and module.name in self.config_alphas:
+                tensors["alpha"] = torch.tensor(self.config_alphas[module.name])
+            loaded.append((module, kind, rows, tensors))
+        return loaded
 
     def delta(self, loaded, base: torch.Tensor) -> torch.Tensor:
         total = torch.zeros_like(base)
@@ -179,6 +199,37 @@ class LoraSource:
 
 def lora_source(file: TensorFile, arch, base) -> LoraSource:
     return LoraSource(file, arch, base)
+
+
+def adapter_config_alphas(metadata: dict[str, str], modules: dict[str, LoraModule]) -> dict[str, float]:
+    """Alphas that a diffusers/peft LoRA keeps in its header instead of ``.alpha`` tensors."""
+    try:
+        config = json.loads(metadata.get(ADAPTER_METADATA_KEY) or "{}")
+    except json.JSONDecodeError:
+        return {}
+    if not isinstance(config, dict) or not config:
+        return {}
+    alphas = {}
+    for name in modules:
+        part, _, path = normalise(name).partition(":")
+        for prefix in ("", *COMPONENTS.get(part, ())):
+            alpha = config.get(prefix + "lora_alpha")
+            if alpha is None:
+                continue
+            module_path = _peft_module_path(name)
+            for pattern, value in (config.get(prefix + "alpha_pattern") or {}).items():
+                if re.match(rf"(.*\.)?({pattern})$", module_path):
+                    alpha = value
+                    break
+            alphas[name] = float(alpha)
+            break
+    return alphas
+
+
+def _peft_module_path(name: str) -> str:
+    for prefix, _ in PREFIXES:
+        name = name.removeprefix(prefix)
+    return name
 
 
 def parse_modules(file: TensorFile) -> dict[str, LoraModule]:
@@ -256,7 +307,7 @@ def dense_delta(name: str, t: dict[str, torch.Tensor]) -> torch.Tensor:
         scale = alpha / decomposed_rank if alpha is not None and decomposed_rank else 1.0
         if w2.dim() > 2:
             w1 = w1.reshape(*w1.shape, *([1] * (w2.dim() - 2)))
-        return scale * torch.kron(w1, w2)
+        return scale * torch.kron(w1.contiguous(), w2.contiguous())
     roles = ", ".join(sorted(t))
     raise UserError(f"LoRA module {name} has an incomplete set of tensors ({roles}); the file may be damaged.")
 
@@ -266,4 +317,4 @@ def _tucker(core, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if core is None:
         product = a @ b.flatten(1)
         return product.reshape(a.shape[0], *b.shape[1:]) if b.dim() > 2 else product
-    return torch.einsum("ijkl,jr,ip->prkl", core, b, a)
+    return torch.einsum("ijkl,jr,ip->prkl", core, b, a).contiguous()

@@ -14,11 +14,13 @@ def lora_metadata(
     arch: Architecture, opts: ExtractOptions, ranks: list[int], title: str, fmt: str, kind: str = "main"
 ) -> dict[str, str]:
     top_rank = max(ranks) if ranks else 0
+    # kohya-style files give every module alpha = the rank cap (see extract.lora_alpha);
+    # peft-style files have no alpha, which loaders read as alpha = rank.
+    alpha = (opts.rank if opts.rank > 0 else opts.rank_max) if arch.formats[fmt].writes_alpha else top_rank
     metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(top_rank),
-        # Every module's alpha equals its own rank (scale 1), so the nominal alpha does too.
-        "ss_network_alpha": str(top_rank),
+        "ss_network_alpha": str(alpha),
         "ss_base_model_version": arch.base_model_version,
         "ss_output_name": title,
         "modelspec.sai_model_spec": "1.0.1",
