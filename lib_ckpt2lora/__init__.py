@@ -11,14 +11,8 @@ Importing this package needs neither gradio nor the WebUI.
 
 from .constants import VERSION
 from .errors import Cancelled, UserError
+from .extract import ExtractResult, extract  # binds the name to the function, not the submodule
 from .options import ExtractOptions
 
-
-def extract(*args, **kwargs):
-    from .extract import extract as _extract
-
-    return _extract(*args, **kwargs)
-
-
-__all__ = ["VERSION", "Cancelled", "ExtractOptions", "UserError", "extract"]
+__all__ = ["VERSION", "Cancelled", "ExtractOptions", "ExtractResult", "UserError", "extract"]
 __version__ = VERSION

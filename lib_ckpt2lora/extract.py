@@ -337,7 +337,7 @@ def run_lora(plan: Plan, opts, device, progress, should_stop, log) -> tuple[dict
 
 
 def lora_alpha(opts: ExtractOptions) -> int:
-    """The one alpha every module of a kohya-style file gets: the rank cap.
+    """The alpha of a "shared"-alpha style: the rank cap, the same on every module.
 
     Loaders scale a module by alpha / rank. diffusers reads kohya alphas through a key
     spelling that misses attention modules and falls back to the most common alpha, so
@@ -350,7 +350,7 @@ def lora_tensors(
     unit: Unit, style, up: torch.Tensor, down: torch.Tensor, rank: int, dtype, alpha: int
 ) -> dict[str, torch.Tensor]:
     """Factors in the layer's own layout: conv kernels as LoCon (down k x k, up 1 x 1)."""
-    if style.writes_alpha and rank != alpha:
+    if style.alpha == "shared" and rank != alpha:
         fold = (rank / alpha) ** 0.5  # up @ down * alpha / rank == the delta
         up, down = up * fold, down * fold
     if len(unit.shape) > 2:
@@ -361,24 +361,22 @@ def lora_tensors(
         unit.module + style.up: up.to("cpu", dtype).contiguous(),
     }
     if style.writes_alpha:
-        tensors[unit.module + ".alpha"] = torch.tensor(float(alpha), dtype=dtype)
+        value = alpha if style.alpha == "shared" else rank
+        tensors[unit.module + ".alpha"] = torch.tensor(float(value), dtype=dtype)
     return tensors
 
 
 # -- writing ---------------------------------------------------------------------------
 def write_lora_outputs(plan: Plan, opts: ExtractOptions, main, detail) -> list[Path]:
     outputs = []
-    if main:
-        ranks = [r.rank for r in plan.report.layers]
-        write_tensors(opts.out, main, lora_metadata(plan.arch, opts, ranks, opts.out.stem, plan.fmt), opts.overwrite)
-        outputs.append(opts.out)
-    if opts.detail and detail:
-        path = detail_path(opts.out)
-        down = plan.arch.formats[plan.fmt].down
-        detail_ranks = [int(t.shape[0]) for name, t in detail.items() if name.endswith(down)]
-        metadata = lora_metadata(plan.arch, opts, detail_ranks, path.stem, plan.fmt, kind="detail")
+    down = plan.arch.formats[plan.fmt].down
+    for tensors, path, kind in ((main, opts.out, "main"), (detail if opts.detail else {}, detail_path(opts.out), "detail")):
+        if not tensors:
+            continue
+        ranks = {name[: -len(down)]: int(t.shape[0]) for name, t in tensors.items() if name.endswith(down)}
+        metadata = lora_metadata(plan.arch, opts, ranks, path.stem, plan.fmt, kind=kind)
         try:
-            write_tensors(path, detail, metadata, opts.overwrite)
+            write_tensors(path, tensors, metadata, opts.overwrite)
         except BaseException:
             for written in outputs:  # all or nothing
                 written.unlink(missing_ok=True)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import UserError
+from .metadata import ADAPTER_METADATA_KEY
 from .reading import TensorFile
 
 # Suffix (after the module name) -> (role in the formula)
@@ -86,7 +87,6 @@ LORA_MARKERS = (
 )
 # Where diffusers/peft keep alpha when a file has no ``.alpha`` tensors: a LoraConfig as
 # JSON in the header, its keys optionally prefixed by the pipeline component.
-ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 COMPONENTS = {"unet": ("transformer.", "unet."), "te": ("text_encoder.",), "te2": ("text_encoder_2.",)}
 LORA_ENDINGS = (".diff", ".diff_b")
 

@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import datetime
 import json
+from collections import Counter
 
 from .architectures import Architecture
 from .constants import TOOL_NAME, VERSION
 from .options import ExtractOptions
 
+# diffusers' header key for a peft adapter config, and the component it describes.
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+COMPONENT = "transformer"
+
 
 def lora_metadata(
-    arch: Architecture, opts: ExtractOptions, ranks: list[int], title: str, fmt: str, kind: str = "main"
+    arch: Architecture, opts: ExtractOptions, module_ranks: dict[str, int], title: str, fmt: str, kind: str = "main"
 ) -> dict[str, str]:
-    top_rank = max(ranks) if ranks else 0
-    # kohya-style files give every module alpha = the rank cap (see extract.lora_alpha);
-    # peft-style files have no alpha, which loaders read as alpha = rank.
-    alpha = (opts.rank if opts.rank > 0 else opts.rank_max) if arch.formats[fmt].writes_alpha else top_rank
+    style = arch.formats[fmt]
+    top_rank = max(module_ranks.values()) if module_ranks else 0
+    # "shared" styles give every module alpha = the rank cap (see extract.lora_alpha);
+    # the others scale each module by 1, i.e. alpha = its own rank.
+    alpha = (opts.rank if opts.rank > 0 else opts.rank_max) if style.alpha == "shared" else top_rank
     metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(top_rank),
@@ -31,7 +37,35 @@ def lora_metadata(
         "modelspec.description": _description(opts, kind),
     }
     metadata.update(tool_metadata(opts, arch, fmt, kind))
+    if style.adapter_config and module_ranks:
+        metadata[ADAPTER_METADATA_KEY] = adapter_config(module_ranks)
     return metadata
+
+
+def adapter_config(module_ranks: dict[str, int]) -> str:
+    """A peft LoraConfig for diffusers: every module's rank, and alpha = rank (scale 1).
+
+    diffusers 0.36/0.37 otherwise give modules whose rank differs from the first one's
+    the wrong scale (their alpha defaults to the first rank); with this header every
+    diffusers version uses the ranks and alphas as they are. ComfyUI and Forge ignore it.
+    """
+    ranks = {_without_prefix(module): rank for module, rank in module_ranks.items()}
+    common = Counter(ranks.values()).most_common(1)[0][0]
+    config = {
+        "r": common,
+        "lora_alpha": common,
+        "rank_pattern": ranks,
+        "alpha_pattern": ranks,
+        "target_modules": sorted(ranks),
+    }
+    return json.dumps({f"{COMPONENT}.{key}": value for key, value in config.items()}, sort_keys=True)
+
+
+def _without_prefix(module: str) -> str:
+    for prefix in ("diffusion_model.", "transformer."):
+        if module.startswith(prefix):
+            return module[len(prefix) :]
+    return module
 
 
 def tool_metadata(opts: ExtractOptions, arch: Architecture, fmt: str, kind: str) -> dict[str, str]:

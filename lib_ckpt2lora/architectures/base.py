@@ -25,15 +25,27 @@ class RawRef:
 
 @dataclass(frozen=True)
 class LoraStyle:
-    """The key suffixes a LoRA format uses for one module."""
+    """How a LoRA format spells one module, and how it records the scale.
+
+    ``alpha``: "shared" writes one alpha (the rank cap) on every module with rank/alpha
+    folded into the factors; "own" writes alpha = the module's rank; "none" writes no
+    alpha (loaders then take alpha = rank). ``adapter_config``: also write a peft
+    LoraConfig (ranks and alphas per module) in the header, which older diffusers need
+    to scale modules of different ranks correctly.
+    """
 
     down: str
     up: str
-    writes_alpha: bool
+    alpha: str = "shared"
+    adapter_config: bool = False
+
+    @property
+    def writes_alpha(self) -> bool:
+        return self.alpha != "none"
 
 
-KOHYA_STYLE = LoraStyle(".lora_down.weight", ".lora_up.weight", writes_alpha=True)
-PEFT_STYLE = LoraStyle(".lora_A.weight", ".lora_B.weight", writes_alpha=False)
+KOHYA_STYLE = LoraStyle(".lora_down.weight", ".lora_up.weight", alpha="shared")
+PEFT_STYLE = LoraStyle(".lora_A.weight", ".lora_B.weight", alpha="none")
 
 
 @dataclass(frozen=True)

@@ -176,6 +176,8 @@ class SDXL(StableDiffusion):
         return None
 
     def canonical(self, raw_key, info):
+        if raw_key.startswith(SDXL_TE1) and not raw_key.startswith(SDXL_TE1 + "text_model."):
+            return [(SDXL_TE1 + "text_model." + raw_key[len(SDXL_TE1) :], RawRef(raw_key), info.shape)]
         te2_attn = SDXL_TE2 + "transformer.resblocks."
         if raw_key.startswith(te2_attn) and raw_key.endswith((".attn.in_proj_weight", ".attn.in_proj_bias")):
             block = raw_key[: raw_key.rindex(".attn.")]

@@ -10,7 +10,7 @@ files) or ``transformer.``, are accepted and can be mixed between base and varia
 
 from __future__ import annotations
 
-from .base import KOHYA_STYLE, PEFT_STYLE, Architecture, Group, RawRef, strip_weight_suffix
+from .base import KOHYA_STYLE, Architecture, Group, LoraStyle, RawRef, strip_weight_suffix
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "")
 # original name piece -> diffusers name piece (str.replace on the key, in this order)
@@ -46,10 +46,11 @@ class ZImage(Architecture):
     base_model_version = "z_image"
     modelspec_architecture = "Z-Image/lora"
     formats = {
-        # diffusers module names under ComfyUI's prefix, no alpha: loads in ComfyUI, every
-        # Forge Neo mapping and diffusers >= 0.36 (see README "LoRA formats").
-        "diffusion_model": PEFT_STYLE,
-        "diffusers": PEFT_STYLE,
+        # diffusers module names under ComfyUI's prefix with alpha = own rank, plus a peft
+        # config in the header: loads exactly in ComfyUI, Forge Neo and diffusers 0.36,
+        # 0.37 and 0.42 (0.37 needs the alphas, 0.36/0.37 the config when ranks differ).
+        "diffusion_model": LoraStyle(".lora_A.weight", ".lora_B.weight", alpha="own", adapter_config=True),
+        "diffusers": LoraStyle(".lora_A.weight", ".lora_B.weight", alpha="none", adapter_config=True),
         "comfy": KOHYA_STYLE,
     }
     default_format = "diffusion_model"
