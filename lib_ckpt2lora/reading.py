@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 FLOAT_DTYPES = {dtype for dtype in SAFETENSORS_DTYPES.values() if dtype.is_floating_point}
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+ANSI_ESCAPES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 @dataclass(frozen=True)
@@ -226,5 +228,6 @@ def _weights_only_load_without_mmap(path: Path, role: str):
 
 
 def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:160]
+    """The first line of a library's error, without terminal colour codes, kept short."""
+    text = ANSI_ESCAPES.sub("", str(exc)).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:160]
