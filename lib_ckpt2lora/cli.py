@@ -110,13 +110,19 @@ def options_from_args(args: argparse.Namespace) -> ExtractOptions:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _return_freed_memory_to_the_system()
-    stop = threading.Event()
-    _install_signal_handlers(stop)
+    stop, running = threading.Event(), threading.Event()
+    _install_signal_handlers(stop, running)
     try:
         opts = options_from_args(args)
+        if args.report_json and not Path(args.report_json).parent.is_dir():
+            raise UserError(f"The folder {Path(args.report_json).parent} for --report-json does not exist; create it first.")
         from .extract import extract
 
-        result = extract(opts, progress=_progress_bar(), should_stop=stop.is_set)
+        running.set()
+        try:
+            result = extract(opts, progress=_progress_bar(), should_stop=stop.is_set)
+        finally:
+            running.clear()
     except (UserError, Cancelled) as error:
         if args.debug:
             raise
@@ -171,11 +177,14 @@ def _progress_bar():
     return update
 
 
-def _install_signal_handlers(stop: threading.Event) -> None:
+def _install_signal_handlers(stop: threading.Event, running: threading.Event) -> None:
     """SIGTERM (and a first Ctrl-C) ask the run to stop after the current layer."""
 
     def handler(signum, frame):
-        if stop.is_set():  # a second Ctrl-C: stop now
+        # A second Ctrl-C while the run is going stops it now (once); any other press only
+        # asks for the stop, so it cannot break a clean-up or the exit under way.
+        if stop.is_set() and running.is_set():
+            running.clear()
             raise KeyboardInterrupt
         stop.set()
 

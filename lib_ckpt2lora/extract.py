@@ -8,6 +8,7 @@ moved to the CPU at once. Only a few layers are ever in memory.
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import sys
 from collections.abc import Callable
@@ -99,7 +100,14 @@ def extract(
 
 # -- planning --------------------------------------------------------------------------
 def make_plan(opts: ExtractOptions, stack: contextlib.ExitStack, log: Callable[[str], None]) -> Plan:
+    refuse_output_over_an_input(opts)
     base_file = stack.enter_context(TensorFile(opts.base, "base"))
+    from .lora_input import is_lora_file
+
+    if is_lora_file(base_file.infos):
+        raise UserError(
+            f"The base {opts.base.name} is a LoRA; give the model it was trained on as --base and the LoRA as --variant."
+        )
     arch = architectures.detect(base_file.infos, strict=opts.strict, path=opts.base)
     base = FileView.build(base_file, arch)
     report = Report(architecture=arch.name, description=arch.describe(base_file.infos))
@@ -119,6 +127,15 @@ def make_plan(opts: ExtractOptions, stack: contextlib.ExitStack, log: Callable[[
     ]
     units = select_units(arch, fmt, base, sources, opts, report)
     return Plan(arch, fmt, base, sources, units, report, choose_save_dtype(opts.save_dtype, base_file))
+
+
+def refuse_output_over_an_input(opts: ExtractOptions) -> None:
+    """--overwrite replaces an old output, never one of the models being read."""
+    outputs = [opts.out, detail_path(opts.out)] if opts.detail else [opts.out]
+    for output in outputs:
+        for role, path in (("base", opts.base), ("variant", opts.variant), ("variant2", opts.variant2)):
+            if path is not None and output.exists() and path.exists() and os.path.samefile(output, path):
+                raise UserError(f"The output {output} is the {role} file itself; choose another output name.")
 
 
 def open_source(path: Path, role: str, arch: Architecture, base: FileView, stack, opts, log) -> DeltaSource:
@@ -311,6 +328,12 @@ class Runner:
                 "change a few percent); a LoRA from this pair will not reproduce the variant. "
                 "Check that base and variant belong together (e.g. do not mix Z-Image Base and Turbo)."
             )
+        not_finite = report.skipped.get("NaN or Inf in the delta")
+        if not self.relative_deltas and not_finite:
+            raise UserError(
+                f"Nothing to extract: every changed layer of {self.opts.variant.name} holds NaN or Inf "
+                f"(first: {not_finite[0]}), so the file is damaged; nothing was written."
+            )
         if not self.relative_deltas:
             raise UserError(
                 f"No difference to extract: {self.opts.variant.name} matches {self.opts.base.name} in every "
@@ -323,15 +346,16 @@ def run_lora(plan: Plan, opts, device, progress, should_stop, log) -> tuple[dict
     main: dict[str, torch.Tensor] = {}
     detail: dict[str, torch.Tensor] = {}
     total = len(plan.units)
-    for done, (unit, loaded) in enumerate(prefetched(plan.units, runner.load, PREFETCH_DEPTH)):
-        if should_stop is not None and should_stop():
-            raise Cancelled()
-        outcome = runner.compute(unit, loaded)
-        if outcome is not None:
-            main.update(outcome.tensors)
-            detail.update(outcome.detail)
-        if progress is not None:
-            progress(done + 1, total, unit.key)
+    with contextlib.closing(prefetched(plan.units, runner.load, PREFETCH_DEPTH)) as stream:
+        for done, (unit, loaded) in enumerate(stream):
+            if should_stop is not None and should_stop():
+                raise Cancelled()
+            outcome = runner.compute(unit, loaded)
+            if outcome is not None:
+                main.update(outcome.tensors)
+                detail.update(outcome.detail)
+            if progress is not None:
+                progress(done + 1, total, unit.key)
     runner.finish()
     return main, detail
 

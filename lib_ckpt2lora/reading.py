@@ -73,7 +73,7 @@ class TensorFile:
         self._data_start = 0
         self._state_dict: dict[str, torch.Tensor] | None = None
         _check_is_readable_file(self.path, role)
-        if self.path.suffix.lower() in PICKLE_SUFFIXES:
+        if self.path.suffix.lower() in PICKLE_SUFFIXES and not _looks_like_safetensors(self.path):
             self.infos = self._open_pickle()
         else:
             self.infos = self._open_safetensors()
@@ -166,12 +166,12 @@ def read_safetensors_header(
         raw = handle.read(header_len)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise UserError(
             f"The {role} file {path} is not a valid safetensors file (its header is not JSON); download it again."
         ) from None
     if not isinstance(header, dict):
-        raise UserError(f"The {role} file {path} is not a valid safetensors file (bad header).")
+        raise UserError(f"The {role} file {path} is not a valid safetensors file (bad header); download it again.")
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
         metadata = {}
@@ -181,10 +181,12 @@ def read_safetensors_header(
     for key, entry in header.items():
         try:
             dtype_name = entry["dtype"]
-            shape = tuple(int(dim) for dim in entry["shape"])
-            begin, end = (int(offset) for offset in entry["data_offsets"])
+            if not isinstance(dtype_name, str):
+                raise TypeError(dtype_name)
+            shape = tuple(_json_int(dim) for dim in entry["shape"])
+            begin, end = (_json_int(offset) for offset in entry["data_offsets"])
         except (TypeError, KeyError, ValueError):
-            raise UserError(f"The {role} file {path} has a malformed header entry for {key!r}.") from None
+            raise UserError(f"The {role} file {path} has a malformed header entry for {key!r}; download it again.") from None
         if dtype_name not in SAFETENSORS_DTYPES:
             raise UserError(
                 f"The {role} file {path} stores {key} as {dtype_name}, a type this tool cannot read; "
@@ -203,8 +205,25 @@ def read_safetensors_header(
         infos[key] = info
         offsets[key] = (begin, end)
     if not infos:
-        raise UserError(f"The {role} file {path} holds no tensors.")
+        raise UserError(f"The {role} file {path} holds no tensors; check that it is the model you meant.")
     return infos, {str(k): str(v) for k, v in metadata.items()}, offsets
+
+
+def _json_int(value) -> int:
+    """A header integer: JSON ints only (no floats, bools, strings, Infinity)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(value)
+    return value
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """A safetensors file saved under a .ckpt/.pt name: a small length, then a JSON object."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and int.from_bytes(head[:8], "little") <= MAX_HEADER_BYTES and head[8:9] == b"{"
 
 
 def _check_is_readable_file(path: Path, role: str) -> None:
@@ -228,6 +247,9 @@ def _weights_only_load_without_mmap(path: Path, role: str):
 
 
 def _short(exc: BaseException) -> str:
-    """The first line of a library's error, without terminal colour codes, kept short."""
+    """One clause of a library's error: no colour codes, no advice on loading it unsafely."""
     text = ANSI_ESCAPES.sub("", str(exc)).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:160]
+    lines = text.splitlines() or [type(exc).__name__]
+    # torch's weights-only refusal names the offending global on a later line
+    line = next((ln for ln in lines if "Unsupported global" in ln), lines[0])
+    return re.split(r"[.!?]\s+(?=[A-Z])", line.strip())[0].rstrip(".")[:160]  # its first sentence

@@ -49,6 +49,8 @@ def atomic_file(path: Path, overwrite: bool) -> Iterator[tuple[Path, object]]:
     except OSError as exc:
         raise UserError(f"Cannot create a file in {path.parent} ({exc.strerror}); choose another folder.") from None
     temp = Path(temp_name)
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, 0o666 & ~_umask())
     try:
         handle = os.fdopen(fd, "wb")
         yield temp, handle
@@ -67,6 +69,19 @@ def atomic_file(path: Path, overwrite: bool) -> Iterator[tuple[Path, object]]:
                 handle.close()
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
+
+
+def _umask() -> int:
+    """The process umask (read without changing it where /proc allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _disk_error(exc: OSError, path: Path) -> UserError:
