@@ -15,10 +15,9 @@ def table_rows(report: dict) -> list[list[str]]:
     """One row per group, then the total, formatted like the original's summary."""
     rows = []
     for group in report.get("groups", []):
-        level = group["level"] + (" (aux)" if group.get("auxiliary") else "")
         rows.append(
             [
-                level,
+                group["level"],
                 group["type"],
                 str(group["n"]),
                 f"{group['rank']:.1f}",

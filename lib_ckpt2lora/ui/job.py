@@ -7,6 +7,7 @@ No gradio here. The tab turns a ``JobResult`` into component updates; the tests 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -229,9 +230,9 @@ def run_job(
     started = time.monotonic()
     log_lines: list[str] = []
 
-    def log(line: str) -> None:
+    def log(line: str) -> None:  # the engine's one-line notes go to the console, as the CLI's do
         log_lines.append(line)
-        logger.info(line)
+        print(f"ckpt2lora: {line}", file=sys.stderr)
 
     try:
         plan = plan_job(services, form)

@@ -14,7 +14,7 @@ import gradio as gr
 
 from ..options import FORMATS, SAVE_DTYPES, SVD_MODES
 from . import chart, job
-from .compat import gr_update, js_kwargs
+from .compat import gr_update, js_kwargs, progress_kwargs, table_kwargs
 
 PREFIX = "ckpt2lora_"
 
@@ -70,7 +70,7 @@ def build_tab(services, css: str | None = None, title: str | None = None) -> gr.
         blocks_kwargs["title"] = title
     with gr.Blocks(**blocks_kwargs) as blocks:
         with gr.Row(elem_id=_id("main"), equal_height=False):
-            with gr.Column(scale=3, elem_id=_id("inputs")):
+            with gr.Column(scale=5, elem_id=_id("inputs")):
                 with gr.Row(elem_classes=["ckpt2lora-models"]):
                     c["base"] = gr.Dropdown(
                         label="Base model",
@@ -125,7 +125,8 @@ def build_tab(services, css: str | None = None, title: str | None = None) -> gr.
                     )
                 with gr.Row():
                     c["rank"] = gr.Slider(
-                        label="Rank (0 = automatic)",
+                        label="Rank",
+                        info="0 = automatic, per layer",
                         minimum=0,
                         maximum=512,
                         step=1,
@@ -133,7 +134,8 @@ def build_tab(services, css: str | None = None, title: str | None = None) -> gr.
                         elem_id=_id("rank"),
                     )
                     c["rank_thresh"] = gr.Slider(
-                        label="Automatic rank: energy to keep",
+                        label="Energy to keep",
+                        info="automatic rank",
                         minimum=0.5,
                         maximum=1.0,
                         step=0.005,
@@ -141,7 +143,8 @@ def build_tab(services, css: str | None = None, title: str | None = None) -> gr.
                         elem_id=_id("rank_thresh"),
                     )
                     c["rank_max"] = gr.Slider(
-                        label="Automatic rank: at most",
+                        label="Max rank",
+                        info="automatic rank",
                         minimum=1,
                         maximum=512,
                         step=1,
@@ -229,7 +232,7 @@ def build_tab(services, css: str | None = None, title: str | None = None) -> gr.
                 with gr.Row(elem_classes=["ckpt2lora-actions"]):
                     extract_button = gr.Button("Extract", variant="primary", elem_id=_id("extract"))
                     stop_button = gr.Button("Stop", elem_id=_id("stop"))
-            with gr.Column(scale=2, elem_id=_id("results")):
+            with gr.Column(scale=6, elem_id=_id("results")):
                 status = gr.HTML("", elem_id=_id("status"))
                 with gr.Row(elem_classes=["ckpt2lora-followups"]):
                     send_button = gr.Button(
@@ -252,8 +255,9 @@ def build_tab(services, css: str | None = None, title: str | None = None) -> gr.
                     visible=False,
                     elem_id=_id("table"),
                     label="Summary",
+                    **table_kwargs(),
                 )
-                chart_html = gr.HTML("", elem_id=_id("chart"))
+                chart_html = gr.HTML("", elem_id=_id("chart"), visible=False)
                 result_name = gr.Textbox("", visible=False, elem_id=_id("result_name"))
                 task_id = gr.Textbox("", visible=False, elem_id=_id("task_id"))
                 auto_name = gr.State("")
@@ -284,7 +288,8 @@ def build_tab(services, css: str | None = None, title: str | None = None) -> gr.
             trigger.change(fn=suggest, inputs=suggest_inputs, outputs=[c["name"], auto_name], queue=False)
 
         # -- Extract ---------------------------------------------------------------------
-        outputs = [table, chart_html, send_button, use_button, result_name, *dropdowns, status]
+        # Only the status is visible while a job runs: gradio's own progress shows there once.
+        outputs = [table, chart_html, send_button, use_button, result_name, status]
 
         def extract_job(reporter, *values):
             form = job.Form(**dict(zip(job.FORM_FIELDS, values)))
@@ -293,36 +298,40 @@ def build_tab(services, css: str | None = None, title: str | None = None) -> gr.
             return result_updates(result)
 
         def result_updates(result: job.JobResult):
-            now = model_choices(services)
-            refreshed = [gr_update(choices=now[k]) for k in ("base", "variant", "variant2")]
             if not result.ok:
                 hidden = gr_update(visible=False)
-                return [hidden, "", hidden, hidden, "", *refreshed, status_html(result)]
+                return [hidden, gr_update(value="", visible=False), hidden, hidden, "", status_html(result)]
             report = result.report or {}
             rows = chart.table_rows(report)
             is_lora = result.kind == "lora"
             return [
                 gr_update(value=rows, visible=bool(rows)),
-                chart.chart_svg(report),
+                gr_update(value=chart.chart_svg(report), visible=True),
                 gr_update(visible=is_lora and services.can_send_to_txt2img),
                 gr_update(visible=(not is_lora) and services.can_select_checkpoint),
                 result.name,
-                *refreshed,
                 status_html(result),
             ]
 
+        def refresh_choices():
+            """After a job: the new file joins the lists (choices only; the chosen values stay)."""
+            now = model_choices(services)
+            return [gr_update(choices=now[k]) for k in ("base", "variant", "variant2")]
+
         handler = services.wrap_job(extract_job, len(outputs))
         inputs = [c[name] for name in job.FORM_FIELDS]
-        if services.uses_task_id:
+        if services.uses_task_id:  # the WebUI's progress bar (shared.state), not gradio's
             inputs = [task_id, *inputs]
-            extract_button.click(
+            event = extract_button.click(
                 fn=handler,
                 inputs=inputs,
                 outputs=outputs,
+                **progress_kwargs(False),
                 **js_kwargs(f"(...args) => ckpt2lora.submit(args, {len(inputs)})"),
             )
-        else:
-            extract_button.click(fn=handler, inputs=inputs, outputs=outputs)
+        else:  # gradio's own progress (gr.Progress)
+            event = extract_button.click(fn=handler, inputs=inputs, outputs=outputs, **progress_kwargs(True))
+        event.then(fn=refresh_choices, inputs=[], outputs=dropdowns, queue=False, **progress_kwargs(False))
         stop_button.click(fn=services.request_stop, inputs=[], outputs=[], queue=False)
         send_button.click(fn=None, inputs=[result_name], outputs=[], **js_kwargs("(name) => ckpt2lora.sendToTxt2img(name)"))
         use_button.click(fn=None, inputs=[result_name], outputs=[], **js_kwargs("(title) => ckpt2lora.selectCheckpoint(title)"))
@@ -336,6 +345,7 @@ def build_tab(services, css: str | None = None, title: str | None = None) -> gr.
         extract_job=extract_job,
         suggest=suggest,
         refresh=refresh,
+        refresh_choices=refresh_choices,
         status=status,
         table=table,
         chart=chart_html,
