@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peer-max-seconds", type=float, default=0,
                     help="let (b) factor for this long only and extrapolate its time from the share of the "
                          "work done (marked 'est.'); 0 = run it to the end")
+    ap.add_argument("--eval-max-seconds", type=float, default=0,
+                    help="stop the energy comparison after this long (0 = every layer)")
     ap.add_argument("--json-out", type=Path, help="write every figure here as JSON")
     args = ap.parse_args(argv)
 
@@ -312,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_eval and ours_lora is not None and ours_lora.exists():
         eval_json = work / "evaluation.json"
         cmd = [sys.executable, str(HERE / "evaluate.py"), "--base", str(base), "--variant", str(variant),
-               "--lora", str(ours_lora), "--json-out", str(eval_json), "--device", args.device or "cpu"]
+               "--lora", str(ours_lora), "--json-out", str(eval_json), "--device", args.device or "cpu",
+               "--max-seconds", str(args.eval_max_seconds)]
         if report_path is not None:
             cmd += ["--report", str(report_path)]
         if peer_spectra is not None and peer_spectra.exists():

@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,7 +104,9 @@ def effective_rank(parts: list[tuple[Rows, Module]]) -> int:
 
 
 def evaluate(base: Path, variant: Path, lora: Path, spectra_path: Path | None = None,
-             report_path: Path | None = None, device: str = "cpu", use_engine: bool = True) -> dict:
+             report_path: Path | None = None, device: str = "cpu", use_engine: bool = True,
+             max_seconds: float = 0) -> dict:
+    t0 = time.perf_counter()
     dev = torch.device(device)
     modules, other = read_lora(lora)
     spectra = {}
@@ -129,7 +132,11 @@ def evaluate(base: Path, variant: Path, lora: Path, spectra_path: Path | None = 
         by_raw: dict[str, list[keymap.Unit]] = {}
         for unit in per_unit:
             by_raw.setdefault(unit.raw_key, []).append(unit)
+        stopped = False
         for raw_key in sorted(by_raw, key=lambda k: rb.infos[k].begin):
+            if max_seconds and layers and time.perf_counter() - t0 > max_seconds:
+                stopped = True
+                break
             b = rb.get(raw_key).to(device=dev, dtype=torch.float32)
             full = rv.get(raw_key).to(device=dev, dtype=torch.float32).sub_(b).flatten(1)
             del b
@@ -157,12 +164,14 @@ def evaluate(base: Path, variant: Path, lora: Path, spectra_path: Path | None = 
                     "ours": ours, "optimal": optimal,
                     "ratio": ours / optimal if optimal > 0 else 1.0,
                 })
-    covered = {x["key"] for x in layers}
+    covered = {unit.name for unit in per_unit}
     ratios = [x["ratio"] for x in layers]
     reported = [abs(x["report_energy"] - x["ours"]) for x in layers if x["report_energy"] is not None]
     summary = {
         "mapping": source,
         "layers": len(layers),
+        "layers_in_lora": sum(len(units) for units in by_raw.values()),
+        "stopped_early": stopped,
         "min_ratio": min(ratios) if ratios else None,
         "mean_ratio": sum(ratios) / len(ratios) if ratios else None,
         "worst": sorted(layers, key=lambda x: x["ratio"])[:5],
@@ -180,7 +189,9 @@ def format_summary(result: dict) -> str:
     s = result["summary"]
     if not s["layers"]:
         return "energy: no layer of the LoRA could be matched to the checkpoint"
-    lines = [f"energy, ours vs optimal at the same rank, {s['layers']} layers (names: {s['mapping']}): "
+    counted = f"{s['layers']} layers" + (f" (time limit: {s['layers']} of {s['layers_in_lora']})"
+                                         if s.get("stopped_early") else "")
+    lines = [f"energy, ours vs optimal at the same rank, {counted} (names: {s['mapping']}): "
              f"min ratio {s['min_ratio']:.5f}, mean {s['mean_ratio']:.5f}"]
     if s.get("max_report_energy_error") is not None:
         lines.append(f"  the report's per-layer energy differs from the energy measured on the file by at most "
@@ -205,9 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json-out", type=Path)
     ap.add_argument("--no-engine-names", action="store_true", help="map names with the benchmark's own rules only")
+    ap.add_argument("--max-seconds", type=float, default=0, help="stop after this long (0 = every layer)")
     args = ap.parse_args(argv)
     result = evaluate(args.base, args.variant, args.lora, args.spectra, args.report, args.device,
-                      use_engine=not args.no_engine_names)
+                      use_engine=not args.no_engine_names, max_seconds=args.max_seconds)
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=1))
     print(format_summary(result))

@@ -8,13 +8,17 @@
 #
 # Settings (environment): BLOCKS (30), PEER_MAX_S (90: the peer factors for that long,
 # then its total time is extrapolated from the share of the work done; 0 = run it to
-# the end), RUNS (a,b,c), REPEATS (1), PYTHON (python3), KEEP=1 keeps the temp folder,
-# TMPROOT (/tmp). Needs torch with CUDA, safetensors, numpy, tqdm.
+# the end), EVAL_MAX_S (45: the per-layer energy check stops after that long; 0 = every
+# layer), RUNS (a,b,c), REPEATS (1), DEVICE (cuda; cpu only to smoke-test the script),
+# PYTHON (python3), KEEP=1 keeps the temp folder, TMPROOT (/tmp).
+# Needs torch with CUDA, safetensors, numpy, tqdm.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 BLOCKS=${BLOCKS:-30}
 PEER_MAX_S=${PEER_MAX_S:-90}
+EVAL_MAX_S=${EVAL_MAX_S:-45}
+DEVICE=${DEVICE:-cuda}
 RUNS=${RUNS:-a,b,c}
 REPEATS=${REPEATS:-1}
 TMPROOT=${TMPROOT:-/tmp}
@@ -31,17 +35,18 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 df -h "$TMPROOT" | tail -1
 free -g | sed -n 2p
 
-echo "== generate the full-size Z-Image pair ($BLOCKS blocks) on the GPU"
+echo "== generate the full-size Z-Image pair ($BLOCKS blocks) on $DEVICE"
 t0=$(date +%s)
-"$PYTHON" benchmarks/make_pairs.py zimage --blocks "$BLOCKS" --device cuda --out-dir "$work/pairs"
+"$PYTHON" benchmarks/make_pairs.py zimage --blocks "$BLOCKS" --device "$DEVICE" --out-dir "$work/pairs"
 echo "generated in $(( $(date +%s) - t0 )) s"
 
-echo "== benchmark (device cuda)"
+echo "== benchmark (device $DEVICE)"
 status=0
 "$PYTHON" benchmarks/bench_extract.py \
     --base "$work/pairs/zimage_b${BLOCKS}_base.safetensors" \
     --variant "$work/pairs/zimage_b${BLOCKS}_variant.safetensors" \
-    --device cuda --runs "$RUNS" --repeats "$REPEATS" --peer-max-seconds "$PEER_MAX_S" \
+    --device "$DEVICE" --runs "$RUNS" --repeats "$REPEATS" \
+    --peer-max-seconds "$PEER_MAX_S" --eval-max-seconds "$EVAL_MAX_S" \
     --work-dir "$work/bench" --json-out "$work/bench/results.json" || status=$?
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
     cp "$work/bench/results.json" "$work/bench/evaluation.json" "$OUT/" 2>/dev/null || true
