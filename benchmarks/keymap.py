@@ -12,6 +12,7 @@ CLIP-L), and ``cross_check`` reports where the two disagree.
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,9 @@ class Unit:
 
 
 def _engine():
+    repo = str(Path(__file__).resolve().parent.parent)
+    if repo not in sys.path and (Path(repo) / "lib_ckpt2lora").is_dir():
+        sys.path.append(repo)  # run as a script from anywhere: the engine beside benchmarks/
     try:
         from lib_ckpt2lora.architectures import FileView, detect
         from lib_ckpt2lora.lora_input import alias_index, normalise
