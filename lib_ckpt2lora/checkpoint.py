@@ -13,6 +13,7 @@ from collections import defaultdict
 
 import torch
 
+from .constants import PREFETCH_DEPTH
 from .errors import Cancelled, UserError
 from .metadata import tool_metadata
 from .prefetch import prefetched
@@ -48,7 +49,7 @@ def write_checkpoint(plan, opts, runner, progress, should_stop):
         return base_tensor, loads
 
     # The current tensor and the next one: reading overlaps computing, memory stays flat.
-    stream = prefetched(raw_keys, load, depth=2)
+    stream = prefetched(raw_keys, load, PREFETCH_DEPTH)
 
     def produce(index: int, name: str) -> torch.Tensor:
         nonlocal done

@@ -5,5 +5,5 @@ TOOL_NAME = "ckpt2lora"
 # Median ||delta|| / ||base|| above this means the variant is unlikely to be derived from
 # the base (fine-tunes and merges stay far below; e.g. Z-Image Base vs Turbo mixes do not).
 NOT_DERIVED_RELATIVE_DELTA = 0.3
-# How many tensor pairs the background reader may hold ahead of the computation.
+# How many layers may be in memory at once, counting the one being computed (see prefetch.py).
 PREFETCH_DEPTH = 2

@@ -163,12 +163,9 @@ def select_units(arch, fmt, base: FileView, sources, opts: ExtractOptions, repor
     units = []
     for key, shape in base.shapes.items():
         raw_key = base.refs[key].key
-        present = [key in source.shapes for source in sources]
-        if not all(present):
-            if any(present) or not isinstance(sources[0], CheckpointSource):
-                report.skip("missing in a variant", key)
-            else:
-                report.skip("missing in the variant", key)
+        missing = [source.name for source in sources if key not in source.shapes]
+        if missing:
+            report.skip(f"not in {missing[0]}", key)
             continue
         mismatched = [s.name for s in sources if tuple(s.shapes[key]) != tuple(shape)]
         if mismatched:
