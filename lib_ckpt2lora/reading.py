@@ -1,7 +1,7 @@
 """Reading model and LoRA files lazily, one tensor at a time.
 
-safetensors files are opened with ``safe_open`` so a 12 GB model costs only the tensor
-being read; their header is parsed and checked here first so that a damaged file ends
+safetensors files are read a tensor at a time with plain positioned reads, so a 12 GB
+model costs only the tensor being read; their header is parsed and checked here first so that a damaged file ends
 in one clear sentence rather than a panic from deep inside a library. ``.ckpt``/``.pt``
 files are read with ``torch.load(weights_only=True)`` only: a pickle can run code, and a
 weights-only load refuses anything but tensors and plain containers.
@@ -13,6 +13,7 @@ import json
 import os
 import re
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +70,7 @@ class TensorFile:
         self.role = role
         self.metadata: dict[str, str] = {}
         self._handle = None
+        self._lock = threading.Lock()
         self._offsets: dict[str, tuple[int, int]] = {}
         self._data_start = 0
         self._state_dict: dict[str, torch.Tensor] | None = None
@@ -80,14 +82,17 @@ class TensorFile:
 
     # -- opening ---------------------------------------------------------------------
     def _open_safetensors(self) -> dict[str, TensorInfo]:
-        # Plain positioned reads into fresh tensors, not a memory map: a map keeps every
-        # page it touched resident, so a whole pass would grow RSS to the model's size.
+        # Plain reads into fresh tensors, not a memory map: a map keeps every page it
+        # touched resident (and Windows counts those pages to the process), so a whole
+        # pass would grow RSS to the model's size (benchmarks/bench_reading.py).
         header, self.metadata, self._offsets = read_safetensors_header(self.path, self.role)
         try:
-            self._handle = open(self.path, "rb")
+            # Unbuffered: large reads go straight into the tensor, with no copy.
+            self._handle = open(self.path, "rb", buffering=0)
             self._data_start = 8 + struct.unpack("<Q", self._handle.read(8))[0]
-        except OSError as exc:
-            raise UserError(f"The {self.role} file {self.path} cannot be read ({exc.strerror}).") from None
+        except (OSError, struct.error) as exc:
+            reason = getattr(exc, "strerror", None) or "it changed while being opened"
+            raise UserError(f"The {self.role} file {self.path} cannot be read ({reason}).") from None
         return header
 
     def _open_pickle(self) -> dict[str, TensorInfo]:
@@ -129,12 +134,29 @@ class TensorFile:
             return tensor
         buffer = memoryview(tensor.view(-1).view(torch.uint8).numpy())
         try:
-            got = os.preadv(self._handle.fileno(), [buffer], self._data_start + begin)
+            got = self._read_into(buffer, self._data_start + begin)
         except OSError as exc:
-            raise UserError(f"Could not read tensor {key} from {self.path} ({exc.strerror}).") from None
+            raise UserError(f"Could not read tensor {key} from {self.path} ({exc.strerror or exc}).") from None
         if got != end - begin:
             raise UserError(f"The {self.role} file {self.path} is truncated at tensor {key}; download it again.")
         return tensor
+
+    def _read_into(self, buffer: memoryview, offset: int) -> int:
+        """Fill ``buffer`` from ``offset``; the byte count read (less only at the end of the file).
+
+        seek + readinto (portable: Windows has no pread) under a per-file lock, since the
+        prefetch thread and the main thread share the handle. One read returns at most
+        0x7ffff000 bytes on Linux (INT_MAX on Windows) and network drives return less,
+        so loop until full; only a read of 0 bytes means the file ends early."""
+        done = 0
+        with self._lock:
+            self._handle.seek(offset)
+            while done < len(buffer):
+                got = self._handle.readinto(buffer[done:])
+                if not got:  # 0 at the end of the file (None only for non-blocking files)
+                    break
+                done += got
+        return done
 
     def close(self) -> None:
         if self._handle is not None:
