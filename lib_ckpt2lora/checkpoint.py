@@ -4,6 +4,12 @@ The output has every key of the base with the base's own dtype and shape, in the
 order, so its header is known before any work; tensors are then computed and streamed
 one raw key at a time (a fused q|k|v weight gathers its three row ranges first). Peak
 memory is a few tensors whatever the model's size.
+
+With --detail (low-rank checkpoints only) the residual each layer's low-rank change missed
+is extracted as a LoRA, written beside the checkpoint (or to ``opts.detail_out``): base +
+checkpoint's change + detail LoRA on top gets closer to the variant, as with a LoRA run.
+The detail LoRA is written, atomically, once the checkpoint is complete but before it is
+renamed into place, so a failure of either leaves neither new file.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ def write_checkpoint(plan, opts, runner, progress, should_stop):
     raw_keys = list(base_file.infos)
     total = len(plan.units)
     done = 0
+    detail: dict[str, torch.Tensor] = {}
 
     def load(raw_key):
         base_tensor = base_file.get(raw_key)
@@ -66,6 +73,7 @@ def write_checkpoint(plan, opts, runner, progress, should_stop):
                 progress(done, total, unit.key)
             if outcome is None:
                 continue
+            detail.update(outcome.detail)
             rows = plan.base.refs[unit.key].rows
             target = value[rows[0] : rows[1]] if rows else value
             target += outcome.change.to(value.device)
@@ -74,8 +82,34 @@ def write_checkpoint(plan, opts, runner, progress, should_stop):
     metadata = dict(base_file.metadata)
     metadata.update(tool_metadata(opts, plan.arch, "checkpoint", "checkpoint-full" if opts.checkpoint_full else "checkpoint"))
     entries = [(key, info.dtype, info.shape) for key, info in base_file.infos.items()]
+    written: list = []
+
+    def before_rename() -> None:
+        runner.finish()
+        if opts.detail and detail:
+            written.append(write_detail_lora(plan, opts, detail))
+        elif opts.detail:
+            plan.report.warnings.append("The low-rank change holds the whole difference: no detail LoRA was written.")
+
     try:
-        write_streamed(opts.out, entries, produce, metadata, opts.overwrite, before_rename=runner.finish)
+        write_streamed(opts.out, entries, produce, metadata, opts.overwrite, before_rename=before_rename)
+    except BaseException:
+        for path in written:  # the checkpoint did not land: take its detail LoRA back
+            path.unlink(missing_ok=True)
+        raise
     finally:
         stream.close()
-    return [opts.out]
+    return [opts.out, *written]
+
+
+def write_detail_lora(plan, opts, detail: dict[str, torch.Tensor]):
+    from .extract import complete_attention_groups, detail_output
+    from .metadata import lora_metadata
+    from .writing import write_tensors
+
+    path = detail_output(opts)
+    detail = complete_attention_groups(plan, opts, detail, "detail LoRA")
+    down = plan.arch.formats[plan.fmt].down
+    ranks = {name[: -len(down)]: int(t.shape[0]) for name, t in detail.items() if name.endswith(down)}
+    write_tensors(path, detail, lora_metadata(plan.arch, opts, ranks, path.stem, plan.fmt, kind="detail"), opts.overwrite)
+    return path

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--variant2", help="Second variant model or LoRA. Enables dual-variant extraction: common (default) or union (--union)."
     )
-    p.add_argument("--out", required=True, help="Output safetensors path")
+    p.add_argument("--out", help="Output safetensors path (required unless --list-layers)")
     p.add_argument("--rank", type=int, default=0, help="LoRA rank (0 = auto-select, higher = more accurate but larger)")
     p.add_argument(
         "--rank-thresh", type=float, default=0.95, help="Explained-variance threshold for auto rank selection (default: 0.95)"
@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     extra.add_argument(
         "--svd", default="randomized", choices=SVD_MODES, help="randomized (fast, same ranks) or exact (full SVD, for reference)"
     )
+    extra.add_argument(
+        "--list-layers",
+        action="store_true",
+        help="Dry run: list each layer with its shape and whether it would be extracted (and why not), "
+        "then stop; reads headers only, writes nothing, needs no --out",
+    )
     extra.add_argument("--overwrite", action="store_true", help="Replace an existing output file")
     extra.add_argument("--strict", action="store_true", help="Refuse models that are not SD1.5, SDXL or Z-Image")
     extra.add_argument("--report-json", help="Also write the report (summary and per-layer data) as JSON")
@@ -108,7 +114,12 @@ def options_from_args(args: argparse.Namespace) -> ExtractOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.out is None and not args.list_layers:
+        parser.error("the following arguments are required: --out (or pass --list-layers for a dry run)")
+    if args.list_layers:
+        return _list_layers(args)
     _return_freed_memory_to_the_system()
     stop, running = threading.Event(), threading.Event()
     _install_signal_handlers(stop, running)
@@ -141,6 +152,20 @@ def main(argv: list[str] | None = None) -> int:
     for path in result.outputs:
         size = path.stat().st_size / 2**20
         print(f"Saved {path} ({size:.1f} MiB, {len(report.layers)} LoRA layers).")
+    return 0
+
+
+def _list_layers(args: argparse.Namespace) -> int:
+    from .listing import list_layers
+
+    try:
+        listing = list_layers(options_from_args(args))
+    except UserError as error:
+        if args.debug:
+            raise
+        print(f"ckpt2lora: {error}", file=sys.stderr)
+        return error.exit_code
+    print(listing.text())
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import statistics
 import sys
 from collections.abc import Callable
@@ -72,6 +73,12 @@ def detail_path(out: Path) -> Path:
     return out.with_name(out.stem + "_detail.safetensors")
 
 
+def detail_output(opts: ExtractOptions) -> Path:
+    """Where --detail writes: ``opts.detail_out`` when given (the tab puts a checkpoint's
+    detail LoRA in the Lora folder), else ``<out>_detail.safetensors`` beside the output."""
+    return opts.detail_out or detail_path(opts.out)
+
+
 def extract(
     opts: ExtractOptions,
     progress: Progress | None = None,
@@ -80,19 +87,23 @@ def extract(
 ) -> ExtractResult:
     """Extract a LoRA (or a checkpoint) as ``opts`` says; see the module docstring."""
     log = log or _log_to_stderr
+    if opts.out is None:
+        raise UserError("Give the output file with --out (only --list-layers runs without one).")
     opts.validate()
     device = resolve_device(opts.device)
     with contextlib.ExitStack() as stack:
         plan = make_plan(opts, stack, log)  # reads headers only: input problems come first
         check_output_path(opts.out, opts.overwrite)
         if opts.detail:
-            check_output_path(detail_path(opts.out), opts.overwrite)
+            check_output_path(detail_output(opts), opts.overwrite)
         if writes_checkpoint(opts):
             from .checkpoint import write_checkpoint
 
             outputs = write_checkpoint(plan, opts, Runner(plan, opts, device, log), progress, should_stop)
         else:
             main, detail = run_lora(plan, opts, device, progress, should_stop, log)
+            main = complete_attention_groups(plan, opts, main, "LoRA")
+            detail = complete_attention_groups(plan, opts, detail, "detail LoRA")
             outputs = write_lora_outputs(plan, opts, main, detail)
     for line in plan.report.warnings:
         log("Warning: " + line)
@@ -126,13 +137,20 @@ def make_plan(opts: ExtractOptions, stack: contextlib.ExitStack, log: Callable[[
         for path, role in ((opts.variant, "variant"), (opts.variant2, "variant2"))
         if path is not None
     ]
+    if opts.detail and writes_checkpoint(opts) and any(arch.fusion(key, fmt) for key in base.shapes):
+        raise UserError(
+            f"--format {fmt} fuses weights that a --checkpoint run handles one by one, so its --detail LoRA "
+            "cannot use it; pick another --format (or auto)."
+        )
     units = select_units(arch, fmt, base, sources, opts, report)
     return Plan(arch, fmt, base, sources, units, report, choose_save_dtype(opts.save_dtype, base_file))
 
 
 def refuse_output_over_an_input(opts: ExtractOptions) -> None:
     """--overwrite replaces an old output, never one of the models being read."""
-    outputs = [opts.out, detail_path(opts.out)] if opts.detail else [opts.out]
+    if opts.out is None:  # a dry run (--list-layers) writes nothing
+        return
+    outputs = [opts.out, detail_output(opts)] if opts.detail else [opts.out]
     for output in outputs:
         for role, path in (("base", opts.base), ("variant", opts.variant), ("variant2", opts.variant2)):
             if path is not None and output.exists() and path.exists() and os.path.samefile(output, path):
@@ -167,12 +185,12 @@ def select_units(arch, fmt, base: FileView, sources, opts: ExtractOptions, repor
         if missing:
             report.skip(f"not in {missing[0]}", key)
             continue
-        mismatched = [s.name for s in sources if tuple(s.shapes[key]) != tuple(shape)]
+        mismatched = [s for s in sources if tuple(s.shapes[key]) != tuple(shape)]
         if mismatched:
             report.skip("shape differs from the base", key)
             report.warnings.append(
-                f"{key} has shape {list(shape)} in the base but {list(sources[0].shapes[key])} in "
-                f"{mismatched[0]}; that weight was skipped."
+                f"{key} has shape {list(shape)} in the base but {list(mismatched[0].shapes[key])} in "
+                f"{mismatched[0].name}; that weight was skipped."
             )
             continue
         if base.dtype(key) not in FLOAT_DTYPES:
@@ -394,11 +412,58 @@ def lora_tensors(
     return tensors
 
 
+# -- modules a loader needs whole -----------------------------------------------------------
+# A1111 applies an SDXL te2 (OpenCLIP-G) attention LoRA only when all four of q/k/v/out
+# are present for that layer (it rebuilds the fused in_proj from q|k|v): one missing member
+# silently disables the other three.
+WHOLE_GROUP = re.compile(r"^(lora_te2_text_model_encoder_layers_\d+_self_attn_)(q|k|v|out)_proj$")
+WHOLE_GROUP_MEMBERS = ("q", "k", "v", "out")
+
+
+def complete_attention_groups(plan: Plan, opts: ExtractOptions, tensors: dict, what: str) -> dict:
+    """Add a zero rank-1 member to every te2 attention group the run left incomplete
+    (no change, NaN, --include/--exclude, a LoRA variant without it), so the members that
+    were extracted are applied; one warning names the modules filled in."""
+    style = plan.arch.formats[plan.fmt]
+    present: dict[str, set[str]] = {}
+    for name in tensors:
+        if name.endswith(style.down):
+            match = WHOLE_GROUP.match(name[: -len(style.down)])
+            if match:
+                present.setdefault(match.group(1), set()).add(match.group(2))
+    missing = [(prefix, member) for prefix, members in present.items() for member in WHOLE_GROUP_MEMBERS if member not in members]
+    if not missing:
+        return tensors
+    shapes = {}
+    for key, shape in plan.base.shapes.items():
+        if len(shape) == 2 and key.endswith(".weight"):
+            module = plan.arch.lora_module(key, plan.fmt)
+            if module is not None and WHOLE_GROUP.match(module):
+                shapes[module] = (key, tuple(shape))
+    filled = dict(tensors)
+    names = []
+    for prefix, member in missing:
+        module = f"{prefix}{member}_proj"
+        if module not in shapes:
+            continue  # not in the base either: nothing a loader could apply it to
+        key, shape = shapes[module]
+        up, down = torch.zeros(shape[0], 1), torch.zeros(1, shape[1])
+        filled.update(lora_tensors(Unit((key,), module, shape), style, up, down, 1, plan.save_dtype, lora_alpha(opts)))
+        names.append(module)
+    if names:
+        plan.report.warnings.append(
+            f"The {what} holds {len(names)} zero text-encoder-2 attention module(s) ({', '.join(names[:3])}"
+            f"{', ...' if len(names) > 3 else ''}): A1111 applies a layer's q/k/v/out only when all four exist, "
+            "and these had no change, NaN, were filtered out or were not in the variant."
+        )
+    return filled
+
+
 # -- writing ---------------------------------------------------------------------------
 def write_lora_outputs(plan: Plan, opts: ExtractOptions, main, detail) -> list[Path]:
     outputs = []
     down = plan.arch.formats[plan.fmt].down
-    for tensors, path, kind in ((main, opts.out, "main"), (detail if opts.detail else {}, detail_path(opts.out), "detail")):
+    for tensors, path, kind in ((main, opts.out, "main"), (detail if opts.detail else {}, detail_output(opts), "detail")):
         if not tensors:
             continue
         ranks = {name[: -len(down)]: int(t.shape[0]) for name, t in tensors.items() if name.endswith(down)}

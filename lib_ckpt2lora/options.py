@@ -20,7 +20,7 @@ SVD_MODES = ("randomized", "exact")
 class ExtractOptions:
     base: Path
     variant: Path
-    out: Path
+    out: Path | None  # None only for a dry run (list_layers), which writes nothing
     variant2: Path | None = None
     rank: int = 0
     rank_thresh: float = 0.95
@@ -46,9 +46,12 @@ class ExtractOptions:
     strict: bool = False
     report_json: Path | None = None
     extra_metadata: dict[str, str] = field(default_factory=dict)
+    # Where --detail writes; None: <out>_detail.safetensors beside the output. The tab
+    # sends a checkpoint's detail LoRA to the Lora folder, where the WebUI lists LoRAs.
+    detail_out: Path | None = None
 
     def __post_init__(self) -> None:
-        for name in ("base", "variant", "out", "variant2", "report_json"):
+        for name in ("base", "variant", "out", "variant2", "report_json", "detail_out"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 setattr(self, name, Path(value))
@@ -78,21 +81,25 @@ class ExtractOptions:
         if self.checkpoint and self.checkpoint_full:
             raise UserError("Choose one of --checkpoint and --checkpoint-full, not both.")
         if self.detail and self.checkpoint_full:
-            raise UserError("--detail needs a LoRA to take the residual of; --checkpoint-full has none.")
+            raise UserError(
+                "--detail needs a low-rank result to take the residual of and --checkpoint-full has none; "
+                "drop one of the two."
+            )
         if self.save_dtype not in SAVE_DTYPES:
             raise UserError(f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, not {self.save_dtype!r}.")
         if self.format not in FORMATS:
             raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {self.format!r}.")
         if self.svd not in SVD_MODES:
             raise UserError(f"--svd must be one of {', '.join(SVD_MODES)}, not {self.svd!r}.")
-        if self.out.suffix.lower() != ".safetensors":
-            raise UserError(f"The output {self.out.name} must end in .safetensors.")
+        for path in (self.out, self.detail_out):
+            if path is not None and path.suffix.lower() != ".safetensors":
+                raise UserError(f"The output {path.name} must end in .safetensors.")
 
     def as_metadata(self) -> dict[str, str]:
         """The options worth recording in the output's header: file names, never paths."""
         recorded = {}
         for key, value in asdict(self).items():
-            if key in ("extra_metadata", "report_json", "out", "verbose", "summary", "overwrite"):
+            if key in ("extra_metadata", "report_json", "out", "detail_out", "verbose", "summary", "overwrite"):
                 continue
             if isinstance(value, Path):
                 value = value.name

@@ -7,6 +7,7 @@ No gradio here. The tab turns a ``JobResult`` into component updates; the tests 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -27,6 +28,58 @@ DEVICES = ("auto", "cpu", "cuda")
 STOPPED = "Stopped: nothing was written."
 
 _DEFAULTS = {f.name: f.default for f in fields(ExtractOptions)}
+
+# The engine's messages name CLI flags; the tab shows its own controls' labels instead
+# (tests check these against the built tab's labels). Flags without a control in the
+# tab say so rather than point to something the user cannot find.
+FLAG_LABELS = {
+    "--base": "Base model",
+    "--variant": "Variant",
+    "--variant2": "Second variant",
+    "--out": "Output name",
+    "--union": "Mode: union",
+    "--alpha": "Union balance alpha",
+    "--checkpoint": "Output: Checkpoint (low-rank)",
+    "--checkpoint-full": "Output: Checkpoint (full delta)",
+    "--rank": "Rank",
+    "--rank-thresh": "Energy to keep",
+    "--rank-max": "Max rank",
+    "--min-dim": "Skip layers smaller than (min dim)",
+    "--include": "Include only",
+    "--exclude": "Exclude",
+    "--full-layer": "Full layer",
+    "--detail": "Detail",
+    "--detail-scale": "Detail scale",
+    "--format": "LoRA key format",
+    "--save-dtype": "Save dtype",
+    "--device": "Device",
+    "--svd": "SVD",
+    "--overwrite": "Overwrite an existing file",
+    "--list-layers": "List layers",
+    "--strict": "strict mode (command line only)",
+    "--report-json": "a JSON report (command line only)",
+    "--debug": "the command line's debug mode",
+}
+_FLAG = re.compile(r"--[a-z][a-z0-9-]*")
+
+
+def tab_text(text: str) -> str:
+    """An engine message as the tab shows it: CLI flags become the tab's control labels,
+    quoted ("pass --overwrite" -> "pass 'Overwrite an existing file'")."""
+
+    def label(match: re.Match) -> str:
+        flag = match.group(0)
+        return f"'{FLAG_LABELS[flag]}'" if flag in FLAG_LABELS else flag.lstrip("-")
+
+    return _FLAG.sub(label, text or "")
+
+
+def tab_report(report: dict) -> dict:
+    """The report's skip reasons and warnings in the tab's words."""
+    report = dict(report)
+    report["skipped"] = {tab_text(reason): keys for reason, keys in report.get("skipped", {}).items()}
+    report["warnings"] = [tab_text(w) for w in report.get("warnings", [])]
+    return report
 
 
 @dataclass
@@ -136,8 +189,10 @@ class Plan:
     variant_labels: list[str]
 
 
-def plan_job(services, form: Form) -> Plan:
-    """Resolve the chosen models and the output, or raise UserError with one sentence."""
+def plan_job(services, form: Form, listing: bool = False) -> Plan:
+    """Resolve the chosen models and the output, or raise UserError with one sentence.
+
+    ``listing``: for "List layers", which writes nothing: no output name or folder needed."""
     if not form.base:
         raise UserError("Choose a base model.")
     if not form.variant:
@@ -160,6 +215,8 @@ def plan_job(services, form: Form) -> Plan:
 
     kind = "lora" if form.output_kind == OUTPUT_KINDS[0] else "checkpoint"
     folder = Path(services.lora_dir() if kind == "lora" else services.checkpoint_dir())
+    if listing:
+        return Plan(options_for(form, base, variant, variant2, None, None), kind, folder, choice_stem(form.base), [])
     if not folder.is_dir():
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -174,12 +231,28 @@ def plan_job(services, form: Form) -> Plan:
         raise UserError(f"{out.name} already exists in the {where}: choose another name or tick Overwrite.")
     if out.resolve() in (base.resolve(), variant.resolve()) or (variant2 and out.resolve() == variant2.resolve()):
         raise UserError(f"The output {out.name} would replace one of the inputs: choose another name.")
+    detail_out = None
+    if kind == "checkpoint" and form.detail:
+        # The checkpoint's detail LoRA goes where the WebUI lists LoRAs, not among the checkpoints.
+        lora_folder = Path(services.lora_dir())
+        lora_folder.mkdir(parents=True, exist_ok=True)
+        detail_out = lora_folder / (out.stem + "_detail.safetensors")
+        if detail_out.exists() and not form.overwrite:
+            raise UserError(f"{detail_out.name} already exists in the Lora folder: choose another name or tick Overwrite.")
 
-    opts = ExtractOptions(
+    opts = options_for(form, base, variant, variant2, out, detail_out)
+    opts.validate()
+    labels = [choice_stem(form.variant)] + ([choice_stem(form.variant2)] if variant2 else [])
+    return Plan(opts, kind, folder, choice_stem(form.base), labels)
+
+
+def options_for(form: Form, base, variant, variant2, out, detail_out) -> ExtractOptions:
+    return ExtractOptions(
         base=base,
         variant=variant,
         variant2=variant2,
         out=out,
+        detail_out=detail_out,
         rank=int(form.rank),
         rank_thresh=float(form.rank_thresh),
         rank_max=int(form.rank_max),
@@ -191,7 +264,7 @@ def plan_job(services, form: Form) -> Plan:
         alpha=float(form.alpha),
         checkpoint=form.output_kind == OUTPUT_KINDS[1],
         checkpoint_full=form.output_kind == OUTPUT_KINDS[2],
-        detail=bool(form.detail) and form.output_kind != OUTPUT_KINDS[2],
+        detail=bool(form.detail),  # with "Checkpoint (full delta)" refused by validate(), not dropped
         detail_scale=float(form.detail_scale),
         format=form.format or "auto",
         save_dtype=form.save_dtype or "auto",
@@ -199,9 +272,6 @@ def plan_job(services, form: Form) -> Plan:
         svd=form.svd or "randomized",
         overwrite=bool(form.overwrite),
     )
-    opts.validate()
-    labels = [choice_stem(form.variant)] + ([choice_stem(form.variant2)] if variant2 else [])
-    return Plan(opts, kind, folder, choice_stem(form.base), labels)
 
 
 def resolve_model(services, choice: str, role: str) -> Path:
@@ -244,12 +314,14 @@ def run_job(
         outputs = [Path(p) for p in result.outputs]
         report = result.report.to_dict()
         sidecars = []
-        if plan.kind == "lora":
+        loras = outputs if plan.kind == "lora" else outputs[1:]  # a checkpoint's detail LoRA too
+        if loras:
             sd_version = services.sd_version_name(result.architecture)
-            for number, path in enumerate(outputs):
-                text = describe(plan, report, detail=number > 0)
+            for path in loras:
+                text = describe(plan, report, detail=path != outputs[0])
                 sidecars.append(sidecar.write_sidecar(path, sd_version=sd_version, description=text))
             services.refresh_loras()
+        if plan.kind == "lora":
             name = outputs[0].stem
         else:
             services.refresh_checkpoints()
@@ -263,13 +335,13 @@ def run_job(
             outputs=outputs,
             sizes=sizes,
             sidecars=sidecars,
-            report=report,
-            summary=result.report.summary_text(),
-            warnings=list(result.warnings),
+            report=tab_report(report),
+            summary=tab_text(result.report.summary_text()),
+            warnings=[tab_text(w) for w in result.warnings],
             seconds=time.monotonic() - started,
         )
     except UserError as error:
-        return JobResult(ok=False, message=str(error), seconds=time.monotonic() - started)
+        return JobResult(ok=False, message=tab_text(str(error)), seconds=time.monotonic() - started)
     except Cancelled:
         return JobResult(ok=False, cancelled=True, message=STOPPED, seconds=time.monotonic() - started)
     except Exception as error:  # a bug: the traceback goes to the console, one sentence to the tab
@@ -303,3 +375,25 @@ def describe(plan: Plan, report: dict, detail: bool = False) -> str:
     if detail and opts.detail_scale != 1.0:
         text += f" Pre-scaled by {opts.detail_scale:g}."
     return text
+
+
+@dataclass
+class ListingResult:
+    ok: bool
+    text: str  # the layer list and its count, or the one-sentence error
+
+
+def list_job(services, form: Form) -> ListingResult:
+    """"List layers": the dry run of the current form (headers only, nothing written)."""
+    from ..listing import list_layers
+
+    try:
+        plan = plan_job(services, form, listing=True)
+        listing = list_layers(plan.opts)
+    except UserError as error:
+        return ListingResult(False, tab_text(str(error)))
+    except Exception as error:  # a bug: the traceback goes to the console, one sentence to the tab
+        logger.exception("ckpt2lora: listing the layers failed")
+        failed = f"Listing the layers failed unexpectedly ({type(error).__name__}); the console has the details."
+        return ListingResult(False, failed)
+    return ListingResult(True, tab_text(listing.text()))

@@ -232,8 +232,19 @@ def build_tab(services, css: str | None = None, title: str | None = None) -> gr.
                 with gr.Row(elem_classes=["ckpt2lora-actions"]):
                     extract_button = gr.Button("Extract", variant="primary", elem_id=_id("extract"))
                     stop_button = gr.Button("Stop", elem_id=_id("stop"))
+                    list_button = gr.Button("List layers", elem_id=_id("list_layers"))
             with gr.Column(scale=6, elem_id=_id("results")):
                 status = gr.HTML("", elem_id=_id("status"))
+                # "List layers": what the current settings would extract, before a long run.
+                layers = gr.Textbox(
+                    value="",
+                    label="Layers (dry run: shape, and whether each would be extracted)",
+                    lines=12,
+                    max_lines=30,
+                    interactive=False,
+                    visible=False,
+                    elem_id=_id("layers"),
+                )
                 with gr.Row(elem_classes=["ckpt2lora-followups"]):
                     send_button = gr.Button(
                         "Send to txt2img",
@@ -333,6 +344,12 @@ def build_tab(services, css: str | None = None, title: str | None = None) -> gr.
             event = extract_button.click(fn=handler, inputs=inputs, outputs=outputs, **progress_kwargs(True))
         event.then(fn=refresh_choices, inputs=[], outputs=dropdowns, queue=False, **progress_kwargs(False))
         stop_button.click(fn=services.request_stop, inputs=[], outputs=[], queue=False)
+
+        def list_layers(*values):
+            form = job.Form(**dict(zip(job.FORM_FIELDS, values)))
+            return gr_update(value=job.list_job(services, form).text, visible=True)
+
+        list_button.click(fn=list_layers, inputs=[c[name] for name in job.FORM_FIELDS], outputs=[layers])
         send_button.click(fn=None, inputs=[result_name], outputs=[], **js_kwargs("(name) => ckpt2lora.sendToTxt2img(name)"))
         use_button.click(fn=None, inputs=[result_name], outputs=[], **js_kwargs("(title) => ckpt2lora.selectCheckpoint(title)"))
 
@@ -353,5 +370,8 @@ def build_tab(services, css: str | None = None, title: str | None = None) -> gr.
         use_button=use_button,
         stop_button=stop_button,
         extract_button=extract_button,
+        list_button=list_button,
+        list_layers=list_layers,
+        layers=layers,
     )
     return blocks
