@@ -1,9 +1,13 @@
-"""The SD1.5 UNet's module paths: ldm (checkpoint) names to diffusers names.
+"""The SD1.5 / SDXL UNet's module paths: ldm/sgm (checkpoint) names to diffusers names.
 
-kohya SD1.5 LoRAs name modules by their diffusers path (``down_blocks.0.attentions.0
-.proj_in``); diffusers loads only those, while A1111/ComfyUI accept both. The layout is
-SD1.5's: four levels of two res blocks, attention in the first three down levels and the
-last three up levels, three res blocks per up level.
+LoRAs name UNet modules either way: kohya SD1.5 LoRAs by the diffusers path
+(``down_blocks.0.attentions.0.proj_in``), kohya SDXL LoRAs by the sgm path
+(``input_blocks.4.1.proj_in``), diffusers/peft LoRAs of both by the diffusers path; A1111,
+ComfyUI and diffusers load both spellings for both models. The index arithmetic is the
+same for both UNets (two res blocks per down level plus a downsampler slot, three per up
+level); which levels hold attention does not matter, because an ldm path says itself
+whether it is a res block (``.0``) or an attention (``.1``), and an up level's upsampler
+is its only bare ``.conv`` (``.1.conv`` without attention, ``.2.conv`` with it).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ TOP_LEVEL = {
     "input_blocks.0.0": "conv_in",
     "out.0": "conv_norm_out",
     "out.2": "conv_out",
+    "label_emb.0.0": "add_embedding.linear_1",  # SDXL only
+    "label_emb.0.2": "add_embedding.linear_2",
 }
 
 
@@ -52,7 +58,7 @@ def ldm_to_diffusers(path: str) -> str | None:
         level, slot = divmod(block, 3)
         if inner == "0":
             return _resnet(f"up_blocks.{level}.resnets.{slot}", rest)
-        if rest == "conv" and (inner == "2" or (inner == "1" and level == 0)):
+        if rest == "conv" and inner in ("1", "2"):
             return f"up_blocks.{level}.upsamplers.0.conv"
         if inner == "1":
             return f"up_blocks.{level}.attentions.{slot}.{rest}"

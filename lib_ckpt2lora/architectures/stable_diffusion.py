@@ -75,6 +75,25 @@ class StableDiffusion(Architecture):
     def unet_module(self, path: str) -> str | None:
         raise NotImplementedError
 
+    def lora_aliases(self, canonical_key):
+        """Every UNet spelling a loader accepts, whichever one we write: the ldm/sgm path
+        (A1111's ``lora_unet`` -> ``diffusion_model`` fallback, ComfyUI, diffusers' sgm
+        mapping), the diffusers path (kohya SD1.5, diffusers/peft ``unet.``), and diffusers'
+        old attention-processor names (``attn1.processor.to_q``, ``processor.to_out``),
+        which ComfyUI still maps. Text encoders need nothing more: the alias index folds
+        ``lora_te_`` / ``lora_te1_`` / ``text_encoder.`` into one text-encoder part and
+        ``lora_te2_`` / ``text_encoder_2.`` into the other."""
+        names = set(super().lora_aliases(canonical_key))
+        module, param = strip_weight_suffix(canonical_key)
+        if param and module.startswith(UNET):
+            path = module[len(UNET) :]
+            names.add("lora_unet_" + path)
+            diffusers_path = ldm_to_diffusers(path)
+            if diffusers_path is not None:
+                names.add("lora_unet_" + diffusers_path)
+                names.add("unet." + _processor_path(diffusers_path))
+        return sorted(names)
+
     def text_module(self, module: str) -> str | None:
         raise NotImplementedError
 
@@ -113,6 +132,16 @@ def _sd_type(path: str) -> str:
     if path.startswith(("time_embed", "label_emb")):
         return "Cond"
     return "Other"
+
+
+def _processor_path(diffusers_path: str) -> str:
+    """diffusers' pre-peft attention-processor name of a module (``attn1.processor.to_q``,
+    ``attn1.processor.to_out`` for ``to_out.0``); other modules keep their path."""
+    for attn in (".attn1.", ".attn2."):
+        head, found, tail = diffusers_path.partition(attn)
+        if found and tail in ("to_q", "to_k", "to_v", "to_out.0"):
+            return f"{head}{attn}processor.{tail.removesuffix('.0')}"
+    return diffusers_path
 
 
 def _clip_module(hf_path: str, lora_prefix: str) -> str | None:
