@@ -3,13 +3,15 @@
 The pair has Z-Image's real key names and structure (fused qkv, refiners, embedders,
 pad tokens) at a reduced width; the variant adds to every weight a delta with a
 decaying singular spectrum plus faint dense noise, as fine-tunes do. Run with
-``python -m lib_ckpt2lora.demo [--dir DIR]``.
+``python -m lib_ckpt2lora.demo [--dir DIR] [--overwrite]``; the pair and the LoRA stay in
+``./demo/`` (or DIR) for the user to open, and a second run refuses to replace them
+unless asked.
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
+import sys
 import time
 from pathlib import Path
 
@@ -118,31 +120,77 @@ def fidelity(base_path: Path, variant_path: Path, lora_path: Path, report) -> tu
     return sum(errors) / len(errors), sum(output_errors) / len(output_errors)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .extract import extract
+DEMO_FILES = ("demo_base.safetensors", "demo_variant.safetensors", "demo_lora.safetensors")
 
-    parser = argparse.ArgumentParser(description="Build a small Z-Image-layout pair, extract a LoRA, report fidelity.")
-    parser.add_argument("--dir", help="folder for the demo files (default: a temporary folder)")
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lib_ckpt2lora.demo",
+        description="Build a small Z-Image-layout pair, extract a LoRA, report fidelity. The files stay in --dir.",
+    )
+    parser.add_argument("--dir", default="demo", help="folder for the demo's files (default: ./demo)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the demo files of an earlier run in --dir")
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--blocks", type=int, default=6)
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as scratch:
-        folder = Path(args.dir) if args.dir else Path(scratch)
-        folder.mkdir(parents=True, exist_ok=True)
-        started = time.perf_counter()
-        base, variant = make_pair(folder, args.dim, args.blocks)
-        print(f"Built a Z-Image-layout pair (width {args.dim}, {args.blocks} blocks) in {folder}.")
-        out = folder / "demo_lora.safetensors"
-        result = extract(ExtractOptions(base=base, variant=variant, out=out, overwrite=True))
-        elapsed = time.perf_counter() - started
-        print(result.report.summary_text())
-        weight_error, output_error = fidelity(base, variant, out, result.report)
-        total = result.report.total()
-        print(f"LoRA: {out} ({out.stat().st_size / 2**20:.1f} MiB), {total['n']} layers, mean rank {total['rank']:.1f}.")
-        print(f"Captured energy (mean over layers): {100 * total['energy']:.1f}% (threshold 95%).")
-        print(f"Relative error of base+LoRA vs variant: delta weights {weight_error:.3f}, layer outputs {output_error:.3f}.")
-        print(f"Done in {elapsed:.1f} s.")
+    from .errors import Cancelled, UserError
+
+    try:
+        run(Path(args.dir), args.dim, args.blocks, args.overwrite)
+    except (UserError, Cancelled) as error:
+        print(f"ckpt2lora demo: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ckpt2lora demo: Interrupted.", file=sys.stderr)
+        return 130
     return 0
+
+
+def run(folder: Path, dim: int, blocks: int, overwrite: bool) -> Path:
+    """Build the pair in ``folder``, extract, print the report and how to load the LoRA."""
+    from .errors import UserError
+    from .extract import extract
+
+    # Checked before anything is built: a second run must not silently replace files
+    # the user may have moved into a WebUI or compared against.
+    existing = [folder / name for name in DEMO_FILES if (folder / name).exists()]
+    if existing and not overwrite:
+        raise UserError(
+            f"{existing[0]} is already there from an earlier demo; pass --overwrite to replace the demo's files, "
+            "or --dir NEW_FOLDER to keep them."
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    base, variant = make_pair(folder, dim, blocks)
+    print(f"Built a Z-Image-layout pair (width {dim}, {blocks} blocks) in {folder}.")
+    out = folder / "demo_lora.safetensors"
+    result = extract(ExtractOptions(base=base, variant=variant, out=out, overwrite=True))
+    elapsed = time.perf_counter() - started
+    print(result.report.summary_text())
+    weight_error, output_error = fidelity(base, variant, out, result.report)
+    total = result.report.total()
+    print(f"LoRA: {out} ({out.stat().st_size / 2**20:.1f} MiB), {total['n']} layers, mean rank {total['rank']:.1f}.")
+    print(f"Captured energy (mean over layers): {100 * total['energy']:.1f}% (threshold 95%).")
+    print(f"Relative error of base+LoRA vs variant: delta weights {weight_error:.3f}, layer outputs {output_error:.3f}.")
+    print(f"Done in {elapsed:.1f} s. The files stay in {folder}; delete the folder when done.")
+    print(how_to_load(out, dim))
+    return out
+
+
+def how_to_load(lora: Path, dim: int) -> str:
+    """How a LoRA from this tool is loaded, with this one's caveat: it fits the demo's
+    reduced-width model, not a real Z-Image."""
+    name = lora.stem
+    return "\n".join(
+        (
+            f"This LoRA fits the demo's small model (width {dim}), not a real Z-Image (width 3840); a LoRA you "
+            "extract from your own models loads like this:",
+            f"  WebUI (Forge Neo for Z-Image; A1111/Forge for SD1.5/SDXL): copy it into models/Lora, then put "
+            f"<lora:{name}:1> in the prompt, with the base model selected.",
+            f'  diffusers: pipe.load_lora_weights("{lora.parent.as_posix()}", weight_name="{lora.name}")',
+            f"  ComfyUI: copy it into models/loras and pick {lora.name} in a LoraLoader node.",
+        )
+    )
 
 
 if __name__ == "__main__":
