@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=SAVE_DTYPES,
         help="dtype of the saved factors (default: the base's half-precision type)",
     )
-    extra.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    extra.add_argument("--device", default="auto", help="auto (CUDA, else Apple MPS, else the CPU), cpu, mps, cuda or cuda:N")
     extra.add_argument(
         "--svd", default="randomized", choices=SVD_MODES, help="randomized (fast, same ranks) or exact (full SVD, for reference)"
     )

@@ -22,7 +22,7 @@ import torch
 from . import architectures
 from .architectures import Architecture, FileView
 from .constants import NOT_DERIVED_RELATIVE_DELTA, PREFETCH_DEPTH
-from .devices import is_out_of_memory, resolve_device
+from .devices import fast_matmuls, is_out_of_memory, resolve_device
 from .errors import Cancelled, UserError
 from .metadata import lora_metadata
 from .options import ExtractOptions
@@ -31,7 +31,7 @@ from .reading import FLOAT_DTYPES, TensorFile
 from .report import Report, record_for
 from .sources import CheckpointSource, DeltaSource
 from .svd import factorize, squared_norm
-from .writing import SAVE_DTYPES, check_output_path, write_tensors
+from .writing import SAVE_DTYPES, check_output_path, output_group, write_tensors
 
 Progress = Callable[[int, int, str], None]
 
@@ -92,6 +92,7 @@ def extract(
     opts.validate()
     device = resolve_device(opts.device)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(fast_matmuls(device))  # TF32 on CUDA for this run only
         plan = make_plan(opts, stack, log)  # reads headers only: input problems come first
         check_output_path(opts.out, opts.overwrite)
         if opts.detail:
@@ -461,21 +462,20 @@ def complete_attention_groups(plan: Plan, opts: ExtractOptions, tensors: dict, w
 
 # -- writing ---------------------------------------------------------------------------
 def write_lora_outputs(plan: Plan, opts: ExtractOptions, main, detail) -> list[Path]:
-    outputs = []
+    pending = []
     down = plan.arch.formats[plan.fmt].down
     for tensors, path, kind in ((main, opts.out, "main"), (detail if opts.detail else {}, detail_output(opts), "detail")):
         if not tensors:
             continue
         ranks = {name[: -len(down)]: int(t.shape[0]) for name, t in tensors.items() if name.endswith(down)}
         metadata = lora_metadata(plan.arch, opts, ranks, path.stem, plan.fmt, kind=kind)
-        try:
-            write_tensors(path, tensors, metadata, opts.overwrite)
-        except BaseException:
-            for written in outputs:  # all or nothing
-                written.unlink(missing_ok=True)
-            raise
-        outputs.append(path)
-    return outputs
+        pending.append((path, tensors, metadata))
+    # All or nothing: both files are written under temporary names, then renamed together;
+    # a failure at any point leaves the user's old files (with --overwrite) untouched.
+    with output_group(opts.overwrite) as group:
+        for path, tensors, metadata in pending:
+            write_tensors(path, tensors, metadata, opts.overwrite, group=group)
+    return [path for path, _, _ in pending]
 
 
 def _approximate_norm(tensor: torch.Tensor, stride: int = 16) -> float:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .devices import to_float64  # MPS has no float64
+
 
 def rank_for_energy(singular_values: torch.Tensor, total_energy: float, threshold: float, cap: int) -> int:
     """Smallest r with sum(s[:r]^2) / total_energy >= threshold, at most ``cap``.
@@ -18,7 +20,7 @@ def rank_for_energy(singular_values: torch.Tensor, total_energy: float, threshol
     """
     if total_energy <= 0:
         return 0
-    cumulative = torch.cumsum(singular_values.double() ** 2, dim=0) / total_energy
+    cumulative = torch.cumsum(to_float64(singular_values) ** 2, dim=0) / total_energy
     reached = torch.nonzero(cumulative >= threshold - 1e-12)
     if len(reached):
         return int(min(int(reached[0]) + 1, cap))
@@ -29,7 +31,7 @@ def captured_energy(singular_values: torch.Tensor, rank: int, total_energy: floa
     """Fraction of ||delta||_F^2 kept by the first ``rank`` singular values."""
     if total_energy <= 0:
         return 1.0
-    kept = float((singular_values[:rank].double() ** 2).sum())
+    kept = float((to_float64(singular_values[:rank]) ** 2).sum())
     return min(kept / total_energy, 1.0)
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .devices import on_supporting_device, to_float64
 from .rank import captured_energy, rank_for_energy, target_rank
 
 OVERSAMPLE = 16
@@ -57,7 +58,7 @@ def squared_norm(tensor: torch.Tensor) -> float:
     if flat.dtype != torch.float32:
         flat = flat.float()
     partial = torch.stack([torch.dot(chunk, chunk) for chunk in flat.split(ENERGY_CHUNK)])
-    return float(partial.double().sum())
+    return float(to_float64(partial).sum())
 
 
 def factorize(
@@ -103,7 +104,7 @@ def top_singular_triplets(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """At least ``wanted`` leading singular triplets: randomized unless that costs as much as exact."""
     if exact or wanted + OVERSAMPLE >= EXACT_FRACTION * min(delta.shape):
-        return torch.linalg.svd(delta, full_matrices=False)
+        return on_supporting_device(torch.linalg.svd, delta, full_matrices=False)
     return randomized_svd(delta, wanted + OVERSAMPLE, POWER_ITERATIONS, generator)
 
 
@@ -115,12 +116,12 @@ def randomized_svd(
     transposed = rows < cols
     a = matrix.T if transposed else matrix  # tall: rows >= cols, sketch the column space
     sketch = torch.randn(a.shape[1], k, device=a.device, dtype=a.dtype, generator=generator)
-    q, _ = torch.linalg.qr(a @ sketch)
+    q, _ = on_supporting_device(torch.linalg.qr, a @ sketch)
     for _ in range(power_iterations):
-        z, _ = torch.linalg.qr(a.T @ q)
-        q, _ = torch.linalg.qr(a @ z)
+        z, _ = on_supporting_device(torch.linalg.qr, a.T @ q)
+        q, _ = on_supporting_device(torch.linalg.qr, a @ z)
     small = q.T @ a  # [k, cols]
-    u_small, s, vh = torch.linalg.svd(small, full_matrices=False)
+    u_small, s, vh = on_supporting_device(torch.linalg.svd, small, full_matrices=False)
     u = q @ u_small
     if transposed:
         return vh.T, s, u.T

@@ -3,7 +3,8 @@
 The writer lays out the header from known names, dtypes and shapes, then streams each
 tensor's bytes in order, so a checkpoint is never held in memory whole. Output goes to
 a hidden temporary file in the target folder and is renamed into place only when
-complete: an error or an interrupt leaves nothing behind.
+complete: an error or an interrupt leaves nothing behind. Files that belong together
+(a LoRA and its detail LoRA) are renamed together, all or nothing (``output_group``).
 """
 
 from __future__ import annotations
@@ -39,9 +40,78 @@ def check_output_path(path: Path, overwrite: bool) -> None:
         raise UserError(f"The output folder {folder} is not writable; choose another folder.")
 
 
+class OutputGroup:
+    """Files that must land together (a LoRA and its detail LoRA): all or nothing.
+
+    Each file is written complete under a temporary name first; ``commit`` then renames
+    them into place. If a rename fails, the files already renamed are put back as they
+    were (a replaced file from the backup made just before), so either every new file is
+    in place or every old one is untouched."""
+
+    def __init__(self, overwrite: bool):
+        self.overwrite = overwrite
+        self.staged: list[tuple[Path, Path]] = []  # (temporary file, final path)
+
+    def add(self, temp: Path, path: Path) -> None:
+        self.staged.append((temp, path))
+
+    def commit(self) -> None:
+        for _, path in self.staged:
+            if path.exists() and not self.overwrite:
+                raise UserError(f"{path} appeared while writing and was left untouched; choose another name.")
+        done: list[tuple[Path, Path | None]] = []  # renamed into place: (path, backup of the old file)
+        last, path = len(self.staged) - 1, None
+        try:
+            for index, (temp, path) in enumerate(self.staged):
+                # The last rename needs no backup: when it fails, it has changed nothing.
+                backup = _move_aside(path) if index < last and path.exists() else None
+                try:
+                    _replace(temp, path)
+                except BaseException:
+                    if backup is not None:
+                        with contextlib.suppress(OSError):
+                            os.replace(backup, path)
+                    raise
+                done.append((path, backup))
+        except BaseException as exc:
+            for placed, backup in reversed(done):  # put the earlier ones back as they were
+                with contextlib.suppress(OSError):
+                    if backup is not None:
+                        os.replace(backup, placed)
+                    else:
+                        placed.unlink()
+            if isinstance(exc, OSError):
+                raise _disk_error(exc, path) from None
+            raise
+        finally:
+            self.discard()
+        for _, backup in done:
+            if backup is not None:
+                with contextlib.suppress(OSError):
+                    backup.unlink()
+
+    def discard(self) -> None:
+        for temp, _ in self.staged:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+        self.staged.clear()
+
+
 @contextlib.contextmanager
-def atomic_file(path: Path, overwrite: bool) -> Iterator[tuple[Path, object]]:
-    """Yield (temporary path, binary handle); rename to ``path`` only on success."""
+def output_group(overwrite: bool) -> Iterator[OutputGroup]:
+    """Write several files inside; they are put in place together when the block ends."""
+    group = OutputGroup(overwrite)
+    try:
+        yield group
+        group.commit()
+    finally:
+        group.discard()
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, overwrite: bool, group: OutputGroup | None = None) -> Iterator[tuple[Path, object]]:
+    """Yield (temporary path, binary handle); rename to ``path`` only on success (or, in a
+    ``group``, hand the complete temporary file to the group, which renames it later)."""
     check_output_path(path, overwrite)
     handle = None
     try:
@@ -49,26 +119,71 @@ def atomic_file(path: Path, overwrite: bool) -> Iterator[tuple[Path, object]]:
     except OSError as exc:
         raise UserError(f"Cannot create a file in {path.parent} ({exc.strerror}); choose another folder.") from None
     temp = Path(temp_name)
-    with contextlib.suppress(OSError):
-        os.fchmod(fd, 0o666 & ~_umask())
+    kept = False
     try:
         handle = os.fdopen(fd, "wb")
+        _set_usual_permissions(temp)
         yield temp, handle
         handle.flush()
         os.fsync(handle.fileno())
         handle.close()
         handle = None
-        if path.exists() and not overwrite:
-            raise UserError(f"{path} appeared while writing; it was left untouched. Choose another name.")
-        os.replace(temp, path)
+        if group is not None:
+            group.add(temp, path)
+            kept = True
+        else:
+            if path.exists() and not overwrite:
+                raise UserError(f"{path} appeared while writing and was left untouched; choose another name.")
+            _replace(temp, path)
     except OSError as exc:
         raise _disk_error(exc, path) from None
     finally:
         if handle is not None:
             with contextlib.suppress(OSError):
                 handle.close()
-        with contextlib.suppress(FileNotFoundError):
-            temp.unlink()
+        if not kept:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+
+
+def _replace(source: Path, path: Path) -> None:
+    """os.replace, with Windows' refusal to replace a file another program holds open
+    (WinError 5 or 32, raised as PermissionError) said in one sentence."""
+    try:
+        os.replace(source, path)
+    except PermissionError as exc:
+        if getattr(exc, "winerror", None) in (5, 32) or (os.name == "nt" and path.exists()):
+            raise UserError(
+                f"{path} is in use by another program (the WebUI may have it loaded) and cannot be replaced; "
+                "close that program's use of it, or choose another name (nothing was changed)."
+            ) from None
+        raise
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename ``path`` to a hidden backup beside it (restored if a later rename fails)."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".previous", dir=path.parent)
+    os.close(fd)
+    backup = Path(name)
+    try:
+        _replace(path, backup)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            backup.unlink()
+        raise
+    return backup
+
+
+def _set_usual_permissions(path: Path) -> None:
+    """The permissions a plain ``open()`` would give (mkstemp makes the file private).
+
+    POSIX only: on Windows a mode sets only the read-only flag, and the file already has
+    its folder's ACLs. ``os.chmod`` by path, since ``os.fchmod`` is missing on Windows
+    before Python 3.13."""
+    if os.name == "nt":
+        return
+    with contextlib.suppress(OSError, NotImplementedError):
+        os.chmod(path, 0o666 & ~_umask())
 
 
 def _umask() -> int:
@@ -120,12 +235,13 @@ def write_streamed(
     metadata: dict[str, str],
     overwrite: bool,
     before_rename: Callable[[], None] | None = None,
+    group: OutputGroup | None = None,
 ) -> None:
     """Write tensors one at a time: ``produce(i, name)`` returns entry i, already cast.
 
     ``before_rename`` may raise to abandon a complete file (e.g. it holds no change)."""
     header, sizes = build_header(entries, metadata)
-    with atomic_file(path, overwrite) as (_, handle):
+    with atomic_file(path, overwrite, group) as (_, handle):
         handle.write(header)
         for index, (name, dtype, shape) in enumerate(entries):
             tensor = produce(index, name)
@@ -140,7 +256,12 @@ def write_streamed(
 
 
 def write_tensors(
-    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], overwrite: bool, with_hash: bool = True
+    path: Path,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    overwrite: bool,
+    with_hash: bool = True,
+    group: OutputGroup | None = None,
 ) -> None:
     """Write small tensors held in memory (a LoRA); add ``sshs_model_hash`` when asked.
 
@@ -155,4 +276,4 @@ def write_tensors(
         for name in names:
             digest.update(tensor_bytes(tensors[name]))
         metadata["sshs_model_hash"] = digest.hexdigest()
-    write_streamed(path, entries, lambda index, name: tensors[name], metadata, overwrite)
+    write_streamed(path, entries, lambda index, name: tensors[name], metadata, overwrite, group=group)

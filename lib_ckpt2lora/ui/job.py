@@ -24,7 +24,7 @@ LORA_PREFIX = "LoRA: "  # variant choices that are LoRAs from the Lora list
 NONE_CHOICE = "None"  # the second variant's "no second variant" choice
 OUTPUT_KINDS = ("LoRA", "Checkpoint (low-rank)", "Checkpoint (full delta)")
 MODES = ("single", "common", "union")
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda", "mps")
 STOPPED = "Stopped: nothing was written."
 
 _DEFAULTS = {f.name: f.default for f in fields(ExtractOptions)}
