@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import threading
@@ -216,4 +215,3 @@ def _install_signal_handlers(stop: threading.Event, running: threading.Event) ->
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")

@@ -160,10 +160,10 @@ def refuse_output_over_an_input(opts: ExtractOptions) -> None:
 
 def open_source(path: Path, role: str, arch: Architecture, base: FileView, stack, opts, log) -> DeltaSource:
     file = stack.enter_context(TensorFile(path, role))
-    from .lora_input import is_lora_file, lora_source
+    from .lora_input import LoraSource, is_lora_file
 
     if is_lora_file(file.infos):
-        source = lora_source(file, arch, base)
+        source = LoraSource(file, arch, base)
         log(f"{role.capitalize()}: {path.name}: a LoRA with {len(source.shapes)} target weights.")
         return source
     variant_arch = architectures.detect(file.infos, strict=opts.strict, path=path)

@@ -197,10 +197,6 @@ class LoraSource:
         return total
 
 
-def lora_source(file: TensorFile, arch, base) -> LoraSource:
-    return LoraSource(file, arch, base)
-
-
 def adapter_config_alphas(metadata: dict[str, str], modules: dict[str, LoraModule]) -> dict[str, float]:
     """Alphas that a diffusers/peft LoRA keeps in its header instead of ``.alpha`` tensors."""
     try:

@@ -14,9 +14,8 @@ from .stable_diffusion import SD15, SDXL
 from .zimage import ZImage
 
 DETECTION_ORDER: tuple[type[Architecture], ...] = (ZImage, SDXL, SD15)
-BY_NAME = {cls.name: cls for cls in (*DETECTION_ORDER, Generic)}
 
-__all__ = ["Architecture", "FileView", "Group", "LoraStyle", "RawRef", "detect", "BY_NAME"]
+__all__ = ["Architecture", "FileView", "Group", "LoraStyle", "RawRef", "detect"]
 
 
 def detect(infos: dict[str, TensorInfo], strict: bool = False, path=None) -> Architecture:

@@ -123,21 +123,16 @@ class FileView:
     arch: Architecture
     refs: dict[str, RawRef]
     shapes: dict[str, tuple[int, ...]]
-    unmapped: list[str]
 
     @classmethod
     def build(cls, file: TensorFile, arch: Architecture) -> FileView:
         refs: dict[str, RawRef] = {}
         shapes: dict[str, tuple[int, ...]] = {}
-        unmapped: list[str] = []
         for raw_key, info in file.infos.items():
-            entries = arch.canonical(raw_key, info)
-            if not entries:
-                unmapped.append(raw_key)
-            for key, ref, shape in entries:
+            for key, ref, shape in arch.canonical(raw_key, info):
                 refs[key] = ref
                 shapes[key] = shape
-        return cls(file, arch, refs, shapes, unmapped)
+        return cls(file, arch, refs, shapes)
 
     def dtype(self, key: str):
         return self.file.infos[self.refs[key].key].dtype

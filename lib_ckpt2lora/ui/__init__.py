@@ -6,9 +6,3 @@
 - WebUI: ``scripts/ckpt2lora.py`` builds ``tab.build_tab(webui_services.WebUIServices())``;
 - standalone: ``python -m lib_ckpt2lora.ui --models-dir DIR --lora-dir DIR``.
 """
-
-
-def build_tab(services, **kwargs):
-    from .tab import build_tab as build
-
-    return build(services, **kwargs)

@@ -181,7 +181,10 @@ def output_path(folder: Path, name: str) -> Path:
 
 
 @dataclass
-class Plan:
+class JobPlan:
+    """What one tab job runs: the engine's options, what it writes (a LoRA or a checkpoint),
+    where, and the labels of the chosen models. (The engine's own plan is extract.Plan.)"""
+
     opts: ExtractOptions
     kind: str
     folder: Path
@@ -189,7 +192,7 @@ class Plan:
     variant_labels: list[str]
 
 
-def plan_job(services, form: Form, listing: bool = False) -> Plan:
+def plan_job(services, form: Form, listing: bool = False) -> JobPlan:
     """Resolve the chosen models and the output, or raise UserError with one sentence.
 
     ``listing``: for "List layers", which writes nothing: no output name or folder needed."""
@@ -216,7 +219,7 @@ def plan_job(services, form: Form, listing: bool = False) -> Plan:
     kind = "lora" if form.output_kind == OUTPUT_KINDS[0] else "checkpoint"
     folder = Path(services.lora_dir() if kind == "lora" else services.checkpoint_dir())
     if listing:
-        return Plan(options_for(form, base, variant, variant2, None, None), kind, folder, choice_stem(form.base), [])
+        return JobPlan(options_for(form, base, variant, variant2, None, None), kind, folder, choice_stem(form.base), [])
     if not folder.is_dir():
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -243,7 +246,7 @@ def plan_job(services, form: Form, listing: bool = False) -> Plan:
     opts = options_for(form, base, variant, variant2, out, detail_out)
     opts.validate()
     labels = [choice_stem(form.variant)] + ([choice_stem(form.variant2)] if variant2 else [])
-    return Plan(opts, kind, folder, choice_stem(form.base), labels)
+    return JobPlan(opts, kind, folder, choice_stem(form.base), labels)
 
 
 def options_for(form: Form, base, variant, variant2, out, detail_out) -> ExtractOptions:
@@ -355,7 +358,7 @@ def run_job(
         )
 
 
-def describe(plan: Plan, report: dict, detail: bool = False) -> str:
+def describe(plan: JobPlan, report: dict, detail: bool = False) -> str:
     """The Lora card's description: how the file was made."""
     opts = plan.opts
     if opts.variant2 is not None:

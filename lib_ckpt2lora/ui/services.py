@@ -30,7 +30,6 @@ class Reporter:
 class Services:
     """The host interface; subclasses fill in the model lists and the job wrapping."""
 
-    kind = "base"  # "webui" or "standalone"
     can_send_to_txt2img = False  # the page has a txt2img prompt to send a LoRA tag to
     can_select_checkpoint = False  # the page can switch its loaded checkpoint
     can_free_model = False  # a loaded generation model exists that can be freed
@@ -113,7 +112,7 @@ class Services:
                 self._stop_event.set()
 
     # -- widgets that differ between hosts ---------------------------------------------
-    def tool_button(self, symbol: str, elem_id: str, tooltip: str = ""):
+    def tool_button(self, symbol: str, elem_id: str):
         import gradio as gr
 
         return gr.Button(value=symbol, elem_id=elem_id, elem_classes=["tool", "ckpt2lora-tool"])

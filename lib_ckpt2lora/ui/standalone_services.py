@@ -37,8 +37,6 @@ class GradioReporter(Reporter):
 
 
 class StandaloneServices(Services):
-    kind = "standalone"
-
     def __init__(self, models_dir, lora_dir, extract_fn: Callable | None = None, layer_delay: float = 0.0):
         super().__init__(extract_fn)
         self.models_dir = Path(models_dir)

@@ -86,7 +86,7 @@ def build_tab(services, css: str | None = None, title: str | None = None) -> gr.
                         elem_id=_id("variant"),
                         info="The fine-tuned or merged model whose difference you want.",
                     )
-                    refresh = services.tool_button("\U0001f504", _id("refresh"), "Refresh the model lists")
+                    refresh = services.tool_button("\U0001f504", _id("refresh"))  # refreshes the model lists
                 with gr.Accordion("Second variant (common part / union)", open=False, elem_id=_id("second")):
                     with gr.Row():
                         c["variant2"] = gr.Dropdown(

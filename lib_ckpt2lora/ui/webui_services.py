@@ -49,7 +49,6 @@ class StateReporter(Reporter):
 
 
 class WebUIServices(Services):
-    kind = "webui"
     can_send_to_txt2img = True
     can_select_checkpoint = True
     can_free_model = True
@@ -132,5 +131,5 @@ class WebUIServices(Services):
 
         return handler
 
-    def tool_button(self, symbol: str, elem_id: str, tooltip: str = ""):
+    def tool_button(self, symbol: str, elem_id: str):
         return ui_components.ToolButton(value=symbol, elem_id=elem_id, elem_classes=["ckpt2lora-tool"])
