@@ -61,10 +61,8 @@ def run_extract(base: Path, variant: Path, out: Path, **options):
     """The engine on every layer (min_dim=1), fp32 factors, a rank that holds the delta."""
     settings = dict(min_dim=1, save_dtype="fp32", rank=0, rank_thresh=0.9999, overwrite=True)
     settings.update(options)
-    extract = lib_ckpt2lora.extract
-    if not callable(extract):  # the submodule lib_ckpt2lora.extract shadows it: see test_public_api.py
-        extract = extract.extract
-    return extract(ExtractOptions(base=base, variant=variant, out=out, **settings), log=lambda line: None)
+    # The documented entry point, called as users call it (test_public_api.py keeps it a function).
+    return lib_ckpt2lora.extract(ExtractOptions(base=base, variant=variant, out=out, **settings), log=lambda line: None)
 
 
 @contextlib.contextmanager

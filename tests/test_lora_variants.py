@@ -6,7 +6,8 @@ Tucker ``lora_mid``, LoHa with and without Tucker, LoKr full and decomposed, ful
 ``.diff``/``.diff_b``) and peft through diffusers' ``add_adapter``; the other spellings
 are those files renamed. Ground truth is the tool's own application of its LoRA (see
 ``_feature_models``); the extracted LoRA is loaded by diffusers' ``load_lora_weights`` +
-``fuse_lora`` and every weight's delta compared (relative error < 1e-3).
+``fuse_lora`` and every weight's delta compared (relative error < 1e-3). The SD1.5/SDXL
+module spellings (ldm/sgm vs diffusers paths, every prefix) are in test_lora_spellings.py.
 """
 
 from __future__ import annotations
@@ -234,8 +235,8 @@ CONV_CASES = {
 @pytest.mark.parametrize("case", list(CONV_CASES))
 def test_sd15_unet_conv_kinds(sd15, case):
     """LyCORIS on every Linear/Conv2d of the UNet (3x3 convs included). The extraction's
-    fixed rank 32 covers every delta (their ranks are at most 8) and is the same for all
-    modules, so diffusers' kohya alpha handling is not in play here (see the next test)."""
+    fixed rank 32 covers every delta (their ranks are at most 8), so every module gets the
+    same rank; modules of different ranks are the next test's subject."""
     algo, dim, alpha, extra = CONV_CASES[case]
     unet = sd15["model"].components["unet"]
     lora, truth = lycoris_merged(unet, algo, dim, alpha, seed=18, scale=0.3, exclude_name=("conv_out",), **extra)
@@ -251,9 +252,10 @@ def test_sd15_unet_conv_kinds(sd15, case):
 
 
 def test_sd15_auto_rank_lora_loads_exactly_in_diffusers(sd15, tmp_path):
-    """Auto rank gives every module its own rank (alpha = rank, scale 1). diffusers must
-    apply each module at scale 1: a loader that takes one alpha for all attention modules
-    scales them by (common alpha / own rank)."""
+    """Auto rank gives every module its own rank. The kohya file carries one alpha (the
+    rank cap) on every module, with each module's rank/alpha folded into its factors,
+    because diffusers takes one alpha for a file's modules: with alpha = own rank it would
+    scale each module by (that common alpha / own rank)."""
     model, states = sd15["model"], sd15["states"]
     generator = torch.Generator().manual_seed(19)
     variant = copy.deepcopy(states)

@@ -1,6 +1,9 @@
 """The documented library entry point stays what it is: ``from lib_ckpt2lora import
 ExtractOptions, extract`` gives the extract *function*, whatever was imported or called
-before. Each check runs in a fresh interpreter (pytest's own sys.modules is shared)."""
+before. The package's attribute ``extract`` is contested: importing the submodule
+``lib_ckpt2lora.extract`` binds the module to it, and ``__init__``'s ``from .extract import
+extract`` rebinds it to the function afterwards; these checks keep the function winning.
+Each runs in a fresh interpreter (pytest's own sys.modules is shared)."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 BEFORE = {
     "nothing": "",
-    # the wrapper in __init__ imports the submodule lib_ckpt2lora.extract on its first call
+    # a call through the package attribute, then a fresh import of the name
     "one call of lib_ckpt2lora.extract": (
         "from lib_ckpt2lora import ExtractOptions, UserError\n"
         "try:\n"
