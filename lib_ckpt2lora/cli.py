@@ -61,7 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
         "1.5*delta1 + 0.5*delta2. Range [0, 1].",
     )
     p.add_argument("--checkpoint", action="store_true", help="Save as checkpoint (base + low-rank-approx delta) instead of LoRA")
-    p.add_argument("--checkpoint-full", action="store_true", help="Save as checkpoint (base + full-precision delta, no SVD)")
+    p.add_argument(
+        "--checkpoint-full",
+        action="store_true",
+        help="Save as checkpoint (base + full-precision delta, no SVD) for the selected layers; 1-D weights "
+        "(norms, biases) and layers below --min-dim stay at the base unless --full-layer is given",
+    )
     p.add_argument("--verbose", action="store_true", help="Print per-layer S stats and show summary at the end")
     p.add_argument("--summary", action="store_true", help="Print grouped summary table at the end (no per-layer detail)")
     p.add_argument(
