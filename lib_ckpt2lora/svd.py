@@ -88,17 +88,6 @@ def factorize(
     return Factorization(up, down, rank, singular, total_energy, captured_energy(s, rank, total_energy))
 
 
-def dominant_subspaces(
-    delta: torch.Tensor, threshold: float, cap: int, exact: bool = False, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Orthonormal bases (U_r, V_r) of the left and right spaces holding ``threshold`` of the energy."""
-    total_energy = squared_norm(delta)
-    wanted = target_rank(0, cap, min(delta.shape))
-    u, s, vh = top_singular_triplets(delta, wanted, exact, generator)
-    rank = max(1, min(rank_for_energy(s, total_energy, threshold, wanted), len(s)))
-    return u[:, :rank], vh[:rank].T
-
-
 def top_singular_triplets(
     delta: torch.Tensor, wanted: int, exact: bool, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
