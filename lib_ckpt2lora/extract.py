@@ -34,6 +34,8 @@ from .svd import factorize, squared_norm
 from .writing import SAVE_DTYPES, check_output_path, output_group, write_tensors
 
 Progress = Callable[[int, int, str], None]
+# The skip reason of a layer whose two variants share nothing (see combine.nothing_in_common).
+NOTHING_IN_COMMON = "nothing in common"
 
 
 @dataclass
@@ -308,10 +310,13 @@ class Runner:
         if len(deltas) == 1:
             delta, energy = deltas[0], energies[0]
         else:
-            from .combine import combine
+            from .combine import combine, nothing_in_common
 
             delta = combine(deltas[0], deltas[1], opts, generator)
             energy = squared_norm(delta)
+            if not opts.union and nothing_in_common(energy, energies):
+                plan.report.skip(NOTHING_IN_COMMON, unit.key)
+                return None
         if energy == 0.0:
             plan.report.skip("no change", unit.key)
             return None
@@ -356,6 +361,12 @@ class Runner:
             raise UserError(
                 f"Nothing to extract: every changed layer of {self.opts.variant.name} holds NaN or Inf "
                 f"(first: {not_finite[0]}), so the file is damaged; nothing was written."
+            )
+        if not self.relative_deltas and report.skipped.get(NOTHING_IN_COMMON):
+            raise UserError(
+                f"Nothing in common: {self.opts.variant.name} and {self.opts.variant2.name} share no change "
+                "above 1% of either delta in any selected layer (use --union to combine them instead); "
+                "nothing was written."
             )
         if not self.relative_deltas:
             raise UserError(
