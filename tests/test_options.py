@@ -157,7 +157,8 @@ def te2_groups(lora: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tenso
             layer = module.split("_layers_")[1].split("_")[0]
             member = module.split("_self_attn_")[1][: -len("_proj")]
             down, up = lora[module + ".lora_down.weight"], lora[module + ".lora_up.weight"]
-            groups.setdefault(layer, {})[member] = up @ down * float(lora[module + ".alpha"]) / down.shape[0]
+            # float32: torch 2.1 has no fp16 matmul on the CPU (AUTOMATIC1111 1.10's stack)
+            groups.setdefault(layer, {})[member] = up.float() @ down.float() * float(lora[module + ".alpha"]) / down.shape[0]
     return groups
 
 
