@@ -21,6 +21,7 @@ import torch
 
 from . import architectures
 from .architectures import Architecture, FileView
+from .block_lora import factorize_blocks
 from .constants import NOT_DERIVED_RELATIVE_DELTA, PREFETCH_DEPTH
 from .devices import fast_matmuls, is_out_of_memory, resolve_device
 from .errors import Cancelled, UserError
@@ -30,7 +31,7 @@ from .prefetch import prefetched
 from .reading import FLOAT_DTYPES, TensorFile
 from .report import Report, record_for
 from .sources import CheckpointSource, DeltaSource
-from .svd import factorize, squared_norm
+from .svd import squared_norm
 from .writing import SAVE_DTYPES, check_output_path, output_group, write_tensors
 
 Progress = Callable[[int, int, str], None]
@@ -330,7 +331,10 @@ class Runner:
             return Outcome(tensors, {}, record, delta if for_checkpoint else None)
         matrix = delta.reshape(unit.shape[0], -1)
         exact = opts.svd == "exact"
-        fact = factorize(matrix, opts.rank, opts.rank_thresh, opts.rank_max, exact, generator, total_energy=energy)
+        # A fused unit (Z-Image's q|k|v in comfy style) is factored part by part, each with
+        # its own rank, so it carries exactly what the split modules would.
+        rows = [plan.base.shapes[part][0] for part in unit.parts]
+        fact = factorize_blocks(matrix, rows, opts.rank, opts.rank_thresh, opts.rank_max, exact, generator, energy)
         style = plan.arch.formats[plan.fmt]
         tensors = {}
         if unit.module is not None and not for_checkpoint:
@@ -339,7 +343,7 @@ class Runner:
         if opts.detail and unit.module is not None:
             residual = matrix - fact.up @ fact.down
             if float(torch.linalg.vector_norm(residual)) > 0:
-                extra = factorize(residual, opts.rank, opts.rank_thresh, opts.rank_max, exact, generator)
+                extra = factorize_blocks(residual, rows, opts.rank, opts.rank_thresh, opts.rank_max, exact, generator)
                 detail = lora_tensors(
                     unit, style, extra.up * opts.detail_scale, extra.down, extra.rank, plan.save_dtype, lora_alpha(opts)
                 )

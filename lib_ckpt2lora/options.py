@@ -12,7 +12,8 @@ from pathlib import Path
 from .errors import UserError
 
 SAVE_DTYPES = ("auto", "fp16", "bf16", "fp32")
-FORMATS = ("auto", "kohya", "diffusers", "diffusion_model", "comfy")
+# "neo": whatever every Forge Neo era applies fully (comfy for Z-Image, else the default).
+FORMATS = ("auto", "neo", "kohya", "diffusers", "diffusion_model", "comfy")
 SVD_MODES = ("randomized", "exact")
 
 

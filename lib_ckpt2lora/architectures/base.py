@@ -111,7 +111,12 @@ class Architecture:
     def group(self, canonical_key: str) -> Group:
         raise NotImplementedError
 
+    # The format every Forge Neo era applies fully ("--format neo"); only Z-Image differs.
+    neo_format: str | None = None
+
     def resolve_format(self, fmt: str) -> str:
+        if fmt == "neo":
+            return self.neo_format or self.default_format
         return self.default_format if fmt in ("auto", "", None) else fmt
 
 

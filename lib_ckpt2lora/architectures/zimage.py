@@ -6,6 +6,44 @@ LoRA addresses q, k and v separately, which is how every loader we checked appli
 (ComfyUI and Forge Neo map each of to_q/to_k/to_v onto a row range of qkv; diffusers has
 no qkv module at all). Both layouts, bare or under ``model.diffusion_model.`` (all-in-one
 files) or ``transformer.``, are accepted and can be mixed between base and variant.
+
+Which format serves which loader (SPEC section 4, issue 11):
+
+- default ``diffusion_model`` (and ``diffusers``): q/k/v split. Exact in ComfyUI,
+  diffusers 0.36-0.42 and Forge Neo builds whose patcher keeps every patch of a weight.
+  The Neo era of nolanlane/sd-webui-forge-classic @3df257a keeps ONE patch per weight
+  key (``backend/patcher/base.py ModelPatcher.add_patches``): to_q/to_k/to_v all land on
+  the fused ``attention.qkv.weight``, the last one wins, q and k are lost (error 1.0).
+- ``comfy`` (= ``--format neo`` for Z-Image; the tab's default inside Forge Neo):
+  ComfyUI's own names with ONE fused ``attention.qkv`` module, so every Neo era and
+  ComfyUI apply all of it; diffusers drops fused qkv keys. The fused module is
+  block-diagonal (block_lora.py): up = blockdiag(up_q, up_k, up_v), down = [down_q;
+  down_k; down_v], each part with its own energy-rule rank, so its product equals the
+  split LoRA's, part by part. ``--rank N`` means N per part: the qkv module has rank 3N
+  (the cap likewise applies per part, so at most 3 x --rank-max).
+
+Measured (tests/measure_fused_qkv.py 3840 0.3 / 0.05): q, k, v deltas
+changing independently (full-rank noisy, norms 1 : 0.4 : 1.6, rounded through bf16),
+per-part relative error q / k / v, and qkv bytes in 16 bits, 3840 wide:
+
+    noise 30%, auto (0.95, cap 64)   split 0.344/0.451/0.324  2.95 MB
+      one SVD, rank cap 64 (old comfy)     0.369/0.503/0.335  1.97 MB
+      one SVD, energy rule, cap 192        0.344/0.469/0.305  5.90 MB
+      block-diagonal                       0.344/0.451/0.324  5.90 MB
+    noise 30%, --rank 16             split 0.381/0.477/0.363  0.74 MB
+      one SVD, rank 16 (old comfy)         0.459/0.618/0.395  0.49 MB
+      one SVD, rank 48                     0.380/0.519/0.343  1.47 MB
+      block-diagonal                       0.381/0.477/0.363  1.47 MB
+    noise 5%, auto                   split 0.222/0.360/0.221  (ranks 27/64/16) 1.64 MB
+      one SVD, energy rule                 0.251/0.446/0.186  (rank 48)  1.47 MB
+      one SVD, rank 107 (= 27+64+16)       0.208/0.396/0.149  3.29 MB
+      block-diagonal                       0.222/0.360/0.221  3.29 MB
+
+One SVD of the stacked q|k|v spends the budget on the part that changed most and loses
+the quiet one (k: 0.45-0.52 against 0.36-0.48), at any rank; only the block-diagonal
+module loses nothing against the split format. Its price is the zeros in up: twice the
+split format's qkv bytes, about +26% for a whole Z-Image LoRA at rank 64 (5.67 M -> 7.14 M
+values per block).
 """
 
 from __future__ import annotations
@@ -51,9 +89,11 @@ class ZImage(Architecture):
         # 0.37 and 0.42 (0.37 needs the alphas, 0.36/0.37 the config when ranks differ).
         "diffusion_model": LoraStyle(".lora_A.weight", ".lora_B.weight", alpha="own", adapter_config=True),
         "diffusers": LoraStyle(".lora_A.weight", ".lora_B.weight", alpha="none", adapter_config=True),
+        # fused block-diagonal qkv (see above): every Neo era and ComfyUI, not diffusers
         "comfy": KOHYA_STYLE,
     }
     default_format = "diffusion_model"
+    neo_format = "comfy"
 
     def __init__(self, prefix: str):
         self.prefix = prefix
