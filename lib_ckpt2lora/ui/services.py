@@ -33,6 +33,9 @@ class Services:
     can_send_to_txt2img = False  # the page has a txt2img prompt to send a LoRA tag to
     can_select_checkpoint = False  # the page can switch its loaded checkpoint
     can_free_model = False  # a loaded generation model exists that can be freed
+    # The tab's LoRA key format: "neo" inside Forge Neo (Z-Image's fused q|k|v module, which
+    # every Neo era applies whole), else "auto".
+    default_format = "auto"
 
     def __init__(self, extract_fn: Callable | None = None):
         self._extract_fn = extract_fn

@@ -196,7 +196,7 @@ def build_tab(services, css: str | None = None, title: str | None = None) -> gr.
                         c["format"] = gr.Dropdown(
                             label="LoRA key format",
                             choices=list(FORMATS),
-                            value=defaults.format,
+                            value=services.default_format,
                             elem_id=_id("format"),
                         )
                         c["save_dtype"] = gr.Dropdown(

@@ -29,6 +29,21 @@ from .sidecar import sd_version_for
 from .standalone_services import scan
 
 
+def runs_zimage() -> bool:
+    """Whether this WebUI is Forge Neo, the one that runs Z-Image: its model loader imports
+    ``backend.diffusion_engine.zimage`` at start-up (A1111, Forge and Forge Classic have no
+    such module). Neo builds keep one LoRA patch per weight in some eras, so the tab then
+    writes ``--format neo`` (see architectures/zimage.py)."""
+    if "backend.diffusion_engine.zimage" in sys.modules:
+        return True
+    try:
+        import importlib.util
+
+        return importlib.util.find_spec("backend.diffusion_engine.zimage") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 class StateReporter(Reporter):
     """Progress into ``shared.state``, which the WebUI's progress bar polls."""
 
@@ -52,6 +67,10 @@ class WebUIServices(Services):
     can_send_to_txt2img = True
     can_select_checkpoint = True
     can_free_model = True
+
+    @property
+    def default_format(self) -> str:
+        return "neo" if runs_zimage() else "auto"
 
     # -- checkpoints -------------------------------------------------------------------
     def list_checkpoints(self) -> list[str]:
