@@ -85,8 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         choices=FORMATS,
         help="LoRA key style. auto: kohya names for SD1.5/SDXL; for Z-Image "
-        "diffusion_model.<diffusers name>.lora_A/B (loads in ComfyUI, Forge Neo, diffusers). "
-        "Z-Image also: diffusers (transformer.<name>), comfy (lora_down/up + alpha).",
+        "diffusion_model.<diffusers name>.lora_A/B with q/k/v split (ComfyUI, diffusers, Forge Neo builds "
+        "that keep every patch of a weight). neo: what every Forge Neo era applies whole: for Z-Image "
+        "comfy, else auto. Z-Image also: diffusers (transformer.<name>), comfy (ComfyUI's names, one fused "
+        "qkv module as exact as the split ones, --rank N per part; ComfyUI and every Neo era, not diffusers).",
     )
     extra.add_argument(
         "--save-dtype",
@@ -156,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     for path in result.outputs:
         size = path.stat().st_size / 2**20
         print(f"Saved {path} ({size:.1f} MiB, {len(report.layers)} LoRA layers).")
+    if report.loads_in and not opts.checkpoint and not opts.checkpoint_full:
+        print(f"Format {report.format}: {report.loads_in}.")
     return 0
 
 

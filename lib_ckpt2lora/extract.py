@@ -136,6 +136,7 @@ def make_plan(opts: ExtractOptions, stack: contextlib.ExitStack, log: Callable[[
     fmt = arch.resolve_format(opts.format)
     if fmt not in arch.formats:
         raise UserError(f"--format {fmt} does not apply to {arch.title}; choose one of {', '.join(arch.formats)} (or auto).")
+    report.format, report.loads_in = fmt, arch.format_loaders.get(fmt, "")
     sources = [
         open_source(path, role, arch, base, stack, opts, log)
         for path, role in ((opts.variant, "variant"), (opts.variant2, "variant2"))

@@ -37,6 +37,8 @@ class LayerRecord:
 class Report:
     architecture: str = ""
     description: str = ""
+    format: str = ""  # the LoRA format written (auto and neo resolved)
+    loads_in: str = ""  # which loaders apply that format
     layers: list[LayerRecord] = field(default_factory=list)
     full_tensors: list[LayerRecord] = field(default_factory=list)
     skipped: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
@@ -137,6 +139,8 @@ class Report:
         return {
             "architecture": self.architecture,
             "description": self.description,
+            "format": self.format,
+            "loads_in": self.loads_in,
             "groups": self.groups(),
             "total": self.total(),
             "layers": [_record_dict(r) for r in self.layers],

@@ -264,3 +264,21 @@ def test_fused_module_is_the_split_product_part_by_part(pair, extracted):
         assert torch.allclose(split[key], fused[key], rtol=0, atol=1e-5), key
     split_errors = errors(pair, base, split)
     assert max(split_errors.values()) > 0.05  # the cap of 2 really truncated something
+
+
+@pytest.mark.parametrize(
+    "fmt, says",
+    [
+        ("auto", ["Format diffusion_model: q/k/v split", "apply only v", "use --format neo there"]),
+        ("neo", ["Format comfy: one fused q|k|v module", "every Forge Neo era", "diffusers drops"]),
+    ],
+)
+def test_cli_says_which_loaders_apply_the_format(pair, tmp_path, capsys, fmt, says):
+    from lib_ckpt2lora.cli import main
+
+    out = tmp_path / "lora.safetensors"
+    code = main(["--base", str(pair.base_path), "--variant", str(pair.variant_path), "--out", str(out), "--format", fmt])
+    printed = capsys.readouterr().out
+    assert code == 0
+    line = next(line for line in printed.splitlines() if line.startswith("Format "))
+    assert all(text in line for text in says), line

@@ -113,6 +113,8 @@ class Architecture:
 
     # The format every Forge Neo era applies fully ("--format neo"); only Z-Image differs.
     neo_format: str | None = None
+    # format -> which loaders apply it (the CLI prints it beside the saved file)
+    format_loaders: dict[str, str] = {}
 
     def resolve_format(self, fmt: str) -> str:
         if fmt == "neo":

@@ -39,6 +39,7 @@ def _unet_prefix(infos: dict[str, TensorInfo]) -> str | None:
 
 class StableDiffusion(Architecture):
     formats = dict(Architecture.formats)
+    format_loaders = {"kohya": "A1111, Forge, Forge Classic, Forge Neo (every era), ComfyUI, diffusers and LyCORIS"}
     level_split = 6
 
     def __init__(self, unet_prefix: str):

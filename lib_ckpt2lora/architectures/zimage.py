@@ -94,6 +94,17 @@ class ZImage(Architecture):
     }
     default_format = "diffusion_model"
     neo_format = "comfy"
+    _SPLIT_IN_OLD_NEO = (
+        "; Forge Neo builds that keep one patch per weight (e.g. nolanlane/sd-webui-forge-classic "
+        "@3df257a) apply only v of each attention q/k/v: use --format neo there"
+    )
+    format_loaders = {
+        "diffusion_model": "q/k/v split: ComfyUI, diffusers 0.36-0.42, Forge Neo builds that keep every patch"
+        + _SPLIT_IN_OLD_NEO,
+        "diffusers": "q/k/v split: diffusers 0.36-0.42, ComfyUI, Forge Neo builds that keep every patch" + _SPLIT_IN_OLD_NEO,
+        "comfy": "one fused q|k|v module per attention, as exact as the split one: ComfyUI and every Forge Neo era; "
+        "diffusers drops its qkv modules (use the default format there)",
+    }
 
     def __init__(self, prefix: str):
         self.prefix = prefix
