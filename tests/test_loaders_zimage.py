@@ -271,6 +271,31 @@ def test_comfy_format_is_the_original_layout_with_alpha(pair, extracted):
     assert applied == expected
 
 
+def test_comfy_qkv_is_block_diagonal_with_rank_n_per_part(pair, extracted):
+    """--format comfy (and neo): the fused qkv module is the split q, k, v LoRAs side by side,
+    up = blockdiag(up_q, up_k, up_v), down = [down_q; down_k; down_v]: --rank 2 gives a
+    rank-6 module whose q rows use only q's columns (and so on), and whose row blocks
+    equal the split format's products at the same rank."""
+    _, fused_path = extracted("comfy", rank=2)
+    _, split_path = extracted("auto", rank=2)
+    fused, split = load_file(str(fused_path)), load_file(str(split_path))
+    dim = tm.ZIMAGE_CONFIG["dim"]
+    for block in ("layers.0", "layers.1", "noise_refiner.0", "context_refiner.1"):
+        module = f"diffusion_model.{block}.attention.qkv"
+        down, up = fused[module + ".lora_down.weight"], fused[module + ".lora_up.weight"]
+        assert down.shape[0] == 6 and float(fused[module + ".alpha"]) == 2.0
+        scale = float(fused[module + ".alpha"]) / down.shape[0]
+        for i, name in enumerate("qkv"):
+            rows, columns = slice(i * dim, (i + 1) * dim), slice(2 * i, 2 * i + 2)
+            outside = up[rows].clone()
+            outside[:, columns] = 0
+            assert not outside.any(), f"{module}: {name} rows use other parts' columns"
+            part = f"diffusion_model.{block}.attention.to_{name}"
+            want = split[part + ".lora_B.weight"] @ split[part + ".lora_A.weight"]
+            got = scale * up[rows] @ down
+            assert torch.allclose(got, want, rtol=0, atol=1e-6 * float(want.abs().max()) + 1e-9), f"{module} {name}"
+
+
 def test_comfy_format_in_diffusers_drops_qkv_and_embedders(pair, extracted):
     """diffusers' Z-Image LoRA converter does not map ``qkv`` in kohya spelling, ``x_embedder``
     or ``final_layer`` (it knows fused qkv only as ``.lora.down``, and the embedders only by
