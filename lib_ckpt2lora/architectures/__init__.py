@@ -9,11 +9,13 @@ from __future__ import annotations
 from ..errors import UserError
 from ..reading import TensorInfo
 from .base import Architecture, FileView, Group, LoraStyle, RawRef
+from .chroma import Chroma
+from .flux import Flux
 from .generic import Generic
 from .stable_diffusion import SD15, SDXL
 from .zimage import ZImage
 
-DETECTION_ORDER: tuple[type[Architecture], ...] = (ZImage, SDXL, SD15)
+DETECTION_ORDER: tuple[type[Architecture], ...] = (ZImage, Flux, Chroma, SDXL, SD15)
 
 __all__ = ["Architecture", "FileView", "Group", "LoraStyle", "RawRef", "detect"]
 
