@@ -25,7 +25,8 @@ NONE_CHOICE = "None"  # the second variant's "no second variant" choice
 OUTPUT_KINDS = ("LoRA", "Checkpoint (low-rank)", "Checkpoint (full delta)")
 MODES = ("single", "common", "union")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-STOPPED = "Stopped: nothing was written."
+# The same sentence as the CLI's (errors.Cancelled), so the README/docs quote one text.
+STOPPED = "Interrupted: nothing was written."
 
 _DEFAULTS = {f.name: f.default for f in fields(ExtractOptions)}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -74,8 +75,28 @@ def write_sidecar(
     try:
         with os.fdopen(fd, "w", encoding="utf8") as handle:
             json.dump(data, handle, indent=4, ensure_ascii=False)
+        _same_permissions_as(lora_path, Path(temp))
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _same_permissions_as(lora_path: Path, temp: Path) -> None:
+    """mkstemp makes the file private (0600): give the sidecar the LoRA's mode, so whoever
+    can read the LoRA can read its card's metadata. ``os.chmod`` by path (``os.fchmod`` is
+    missing on Windows before 3.13); skipped on Windows, where a mode only sets the
+    read-only flag and the file already has its folder's ACLs."""
+    if os.name == "nt":
+        return
+    try:
+        mode = stat.S_IMODE(os.stat(lora_path).st_mode)
+    except OSError:  # no LoRA beside it (a test, or it was moved): what open() would give
+        mask = os.umask(0o022)
+        os.umask(mask)
+        mode = 0o666 & ~mask
+    try:
+        os.chmod(temp, mode)
+    except (OSError, NotImplementedError):
+        pass

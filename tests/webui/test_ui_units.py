@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import types
 
 import pytest
@@ -111,3 +113,13 @@ def test_human_size():
     assert chart.human_size(512) == "512 bytes"
     assert chart.human_size(2048) == "2.0 KB"
     assert chart.human_size(5 * 1024 * 1024) == "5.0 MB"
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX modes")
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o600])
+def test_sidecar_gets_the_loras_permissions(tmp_path, mode):
+    lora = tmp_path / "x.safetensors"
+    lora.write_bytes(b"\0")
+    os.chmod(lora, mode)
+    written = sidecar.write_sidecar(lora, sd_version="SD1", description="d")
+    assert stat.S_IMODE(written.stat().st_mode) == mode

@@ -10,3 +10,7 @@ cmd_opts = argparse.Namespace(
     ckpt_dir=None,
 )
 state = shared_state.State()
+# shared.opts (an options.Options in the WebUI): the settings the tab's tests touch.
+# interrupt_after_current is "Don't Interrupt in the middle" (A1111 default True, Neo False);
+# sd_model_checkpoint is the loaded checkpoint's title, which process_images overrides.
+opts = argparse.Namespace(interrupt_after_current=True, sd_model_checkpoint=None, data={})

@@ -18,6 +18,9 @@ class State:
     def interrupt(self):
         self.interrupted = True
 
+    def stop_generating(self):
+        self.stopping_generation = True
+
     def begin(self, job: str = "(unknown)"):
         self.sampling_step = 0
         self.time_start = time.time()
