@@ -33,6 +33,7 @@ class Services:
     can_send_to_txt2img = False  # the page has a txt2img prompt to send a LoRA tag to
     can_select_checkpoint = False  # the page can switch its loaded checkpoint
     can_free_model = False  # a loaded generation model exists that can be freed
+    can_compare = False  # the host can generate txt2img images (Compare)
     # The tab's LoRA key format: "neo" inside Forge Neo (Z-Image's fused q|k|v module, which
     # every Neo era applies whole), else "auto".
     default_format = "auto"
@@ -79,6 +80,11 @@ class Services:
 
     def free_model(self) -> None:
         """Unload the host's generation model (only when the user asks)."""
+
+    def generate(self, checkpoint: str, prompt: str, settings, seed: int):
+        """One txt2img image (PIL) of ``prompt`` on ``checkpoint`` (Compare), or None if
+        interrupted; ``settings`` is a compare.Txt2imgSettings."""
+        raise NotImplementedError
 
     # -- the engine --------------------------------------------------------------------
     def extract(self, opts, progress=None, should_stop=None, log=None):

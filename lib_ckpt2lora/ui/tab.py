@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import gradio as gr
 
 from ..options import FORMATS, SAVE_DTYPES, SVD_MODES
-from . import chart, job
-from .compat import gr_update, js_kwargs, progress_kwargs, table_kwargs
+from . import chart, compare, job
+from .compat import gr_update, image_kwargs, js_kwargs, progress_kwargs, table_kwargs
 
 PREFIX = "ckpt2lora_"
 
@@ -258,6 +258,39 @@ def build_tab(services, css: str | None = None, title: str | None = None) -> gr.
                         visible=False,
                         variant="secondary",
                     )
+                    compare_button = gr.Button(
+                        "Compare: variant vs base + LoRA",
+                        elem_id=_id("compare"),
+                        visible=False,
+                        variant="secondary",
+                    )
+                # The LoRA is (variant - base): tried on the variant, it adds the change twice.
+                select_base = gr.Checkbox(
+                    label="Send to txt2img also loads the base model",
+                    info="A LoRA is meant for the base: on the variant it would add the change a second time.",
+                    value=True,
+                    visible=False,
+                    elem_id=_id("select_base"),
+                )
+                # Compare: the txt2img prompt and seed on the variant, and on the base + the LoRA.
+                with gr.Row(elem_classes=["ckpt2lora-compare-images"]):
+                    compare_first = gr.Image(
+                        label="Variant",
+                        type="pil",
+                        interactive=False,
+                        visible=False,
+                        elem_id=_id("compare_variant"),
+                        **image_kwargs(),
+                    )
+                    compare_second = gr.Image(
+                        label="Base + LoRA",
+                        type="pil",
+                        interactive=False,
+                        visible=False,
+                        elem_id=_id("compare_lora"),
+                        **image_kwargs(),
+                    )
+                compare_status = gr.HTML("", elem_id=_id("compare_status"))
                 table = gr.Dataframe(
                     headers=list(chart.COLUMNS),
                     datatype=["str"] * len(chart.COLUMNS),
@@ -270,6 +303,11 @@ def build_tab(services, css: str | None = None, title: str | None = None) -> gr.
                 )
                 chart_html = gr.HTML("", elem_id=_id("chart"), visible=False)
                 result_name = gr.Textbox("", visible=False, elem_id=_id("result_name"))
+                # The last extraction's base and variant choices, for Send to txt2img and Compare
+                # (the dropdowns may have changed since).
+                result_base = gr.Textbox("", visible=False, elem_id=_id("result_base"))
+                result_variant = gr.Textbox("", visible=False, elem_id=_id("result_variant"))
+                txt2img_settings = gr.Textbox("", visible=False, elem_id=_id("txt2img_settings"))
                 task_id = gr.Textbox("", visible=False, elem_id=_id("task_id"))
                 auto_name = gr.State("")
 
@@ -300,27 +338,46 @@ def build_tab(services, css: str | None = None, title: str | None = None) -> gr.
 
         # -- Extract ---------------------------------------------------------------------
         # Only the status is visible while a job runs: gradio's own progress shows there once.
-        outputs = [table, chart_html, send_button, use_button, result_name, status]
+        # The status stays last (the WebUI's queue wrapper appends its "Time taken" there).
+        outputs = [
+            table,
+            chart_html,
+            send_button,
+            use_button,
+            result_name,
+            compare_button,
+            select_base,
+            result_base,
+            result_variant,
+            status,
+        ]
 
         def extract_job(reporter, *values):
             form = job.Form(**dict(zip(job.FORM_FIELDS, values)))
             reporter.begin("ckpt2lora: reading the models")
             result = job.run_job(services, form, progress=reporter.progress, should_stop=reporter.should_stop)
-            return result_updates(result)
+            return result_updates(result, form)
 
-        def result_updates(result: job.JobResult):
+        def result_updates(result: job.JobResult, form: job.Form):
             if not result.ok:
                 hidden = gr_update(visible=False)
-                return [hidden, gr_update(value="", visible=False), hidden, hidden, "", status_html(result)]
+                chart_hidden = gr_update(value="", visible=False)
+                return [hidden, chart_hidden, hidden, hidden, "", hidden, hidden, "", "", status_html(result)]
             report = result.report or {}
             rows = chart.table_rows(report)
             is_lora = result.kind == "lora"
+            sendable = is_lora and services.can_send_to_txt2img
+            comparable = is_lora and services.can_compare and form.mode == "single"
             return [
                 gr_update(value=rows, visible=bool(rows)),
                 gr_update(value=chart.chart_svg(report), visible=True),
-                gr_update(visible=is_lora and services.can_send_to_txt2img),
+                gr_update(visible=sendable),
                 gr_update(visible=(not is_lora) and services.can_select_checkpoint),
                 result.name,
+                gr_update(visible=comparable),
+                gr_update(visible=sendable and services.can_select_checkpoint),
+                form.base or "",
+                form.variant or "",
                 status_html(result),
             ]
 
@@ -350,8 +407,44 @@ def build_tab(services, css: str | None = None, title: str | None = None) -> gr.
             return gr_update(value=job.list_job(services, form).text, visible=True)
 
         list_button.click(fn=list_layers, inputs=[c[name] for name in job.FORM_FIELDS], outputs=[layers])
-        send_button.click(fn=None, inputs=[result_name], outputs=[], **js_kwargs("(name) => ckpt2lora.sendToTxt2img(name)"))
+        send_button.click(
+            fn=None,
+            inputs=[result_name, result_base, select_base],
+            outputs=[],
+            **js_kwargs("(name, base, selectBase) => ckpt2lora.sendToTxt2img(name, base, selectBase)"),
+        )
         use_button.click(fn=None, inputs=[result_name], outputs=[], **js_kwargs("(title) => ckpt2lora.selectCheckpoint(title)"))
+
+        # -- Compare (WebUI only: it generates through the WebUI's processing and queue) --
+        compare_outputs = [compare_first, compare_second, compare_status]
+
+        def compare_job(reporter, settings_json, lora_name, base, variant):
+            reporter.begin("ckpt2lora: Compare")
+            result = compare.run_compare(services, lora_name, base, variant, settings_json, reporter.should_stop)
+            return compare_updates(result)
+
+        def compare_updates(result: compare.CompareResult):
+            if not result.ok:
+                css = "ckpt2lora-stopped" if result.message == compare.INTERRUPTED else "ckpt2lora-error error"
+                hidden = gr_update(visible=False)
+                return [hidden, hidden, f"<div class='{css}'>{html.escape(result.message)}</div>"]
+            first, second = (
+                gr_update(value=image, label=label, visible=True) for image, label in zip(result.images, result.labels)
+            )
+            text = f"Seed {result.seed}: {result.message}"
+            return [first, second, f"<div class='ckpt2lora-similarity'>{html.escape(text)}</div>"]
+
+        compare_handler = None
+        if services.can_compare:
+            compare_handler = services.wrap_job(compare_job, len(compare_outputs))
+            compare_inputs = [task_id, txt2img_settings, result_name, result_base, result_variant]
+            compare_button.click(
+                fn=compare_handler,
+                inputs=compare_inputs,
+                outputs=compare_outputs,
+                **progress_kwargs(False),
+                **js_kwargs(f"(...args) => ckpt2lora.compare(args, {len(compare_inputs)})"),
+            )
 
     blocks.ckpt2lora = SimpleNamespace(
         services=services,
@@ -368,6 +461,11 @@ def build_tab(services, css: str | None = None, title: str | None = None) -> gr.
         chart=chart_html,
         send_button=send_button,
         use_button=use_button,
+        compare_button=compare_button,
+        compare_handler=compare_handler,
+        compare_job=compare_job,
+        compare_outputs=compare_outputs,
+        select_base=select_base,
         stop_button=stop_button,
         extract_button=extract_button,
         list_button=list_button,

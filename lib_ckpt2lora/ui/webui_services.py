@@ -7,7 +7,9 @@ Every WebUI name used here exists in A1111 1.10, lllyasviel's Forge and Forge Ne
   ``get_closet_checkpoint_match(text)``, ``checkpoints_list``, ``unload_model_weights()``,
   ``model_path``;
 - ``modules.shared``: ``cmd_opts.lora_dir`` (``cmd_opts.ckpt_dir`` in A1111/Forge only),
-  ``state`` (``job_count``, ``job_no``, ``textinfo``, ``interrupted``);
+  ``state`` (``job_count``, ``job_no``, ``textinfo``, ``interrupted``, ``stopping_generation``);
+- ``modules.processing`` (Compare): ``StableDiffusionProcessingTxt2Img`` with
+  ``override_settings={"sd_model_checkpoint": title}``, ``process_images`` -> ``.images``;
 - ``modules.call_queue.wrap_gradio_gpu_call``: the queue lock shared with txt2img, and
   ``shared.state.begin/end`` around the job;
 - ``modules.ui_components.ToolButton``;
@@ -60,13 +62,19 @@ class StateReporter(Reporter):
         self._state.textinfo = f"ckpt2lora: {layer} ({done}/{total})"
 
     def should_stop(self) -> bool:
-        return super().should_stop() or bool(self._state.interrupted)
+        # The WebUI's Interrupt sets ``interrupted``, or, with "Don't Interrupt in the middle"
+        # (A1111's default) while job_count > 1, only ``stopping_generation`` ("stop after this
+        # image"). Our job_count counts layers, so that second flag must stop us too, or the
+        # first press is ignored.
+        state = self._state
+        return super().should_stop() or bool(state.interrupted) or bool(getattr(state, "stopping_generation", False))
 
 
 class WebUIServices(Services):
     can_send_to_txt2img = True
     can_select_checkpoint = True
     can_free_model = True
+    can_compare = True
 
     @property
     def default_format(self) -> str:
@@ -124,6 +132,40 @@ class WebUIServices(Services):
 
     def free_model(self) -> None:
         sd_models.unload_model_weights()
+
+    def generate(self, checkpoint: str, prompt: str, settings, seed: int):
+        """One txt2img image through the WebUI's own processing (called inside wrap_job, so
+        under the queue lock), on ``checkpoint`` for this image only; None when interrupted."""
+        from modules import processing
+
+        from ..errors import UserError
+
+        info = sd_models.get_closet_checkpoint_match(checkpoint)
+        if info is None:  # process_images would silently keep the loaded model instead
+            raise UserError(f"The checkpoint {checkpoint} is not in the checkpoint list any more: press refresh.")
+        kwargs = dict(
+            prompt=prompt,
+            negative_prompt=settings.negative_prompt,
+            seed=seed,
+            steps=settings.steps,
+            width=settings.width,
+            height=settings.height,
+            cfg_scale=settings.cfg_scale,
+            n_iter=1,
+            batch_size=1,
+            do_not_save_samples=True,
+            do_not_save_grid=True,
+            override_settings={"sd_model_checkpoint": info.title},
+            override_settings_restore_afterwards=True,
+        )
+        if settings.sampler_name:
+            kwargs["sampler_name"] = settings.sampler_name
+        p = processing.StableDiffusionProcessingTxt2Img(**kwargs)
+        try:
+            processed = processing.process_images(p)
+        finally:
+            p.close()
+        return processed.images[0] if processed is not None and processed.images else None
 
     # -- jobs --------------------------------------------------------------------------
     @property

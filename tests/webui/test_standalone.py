@@ -41,12 +41,14 @@ def test_standalone_lists_files_and_extracts(folders):
     assert tab.services.list_checkpoints() == ["sd15/base.safetensors", "sd15/tuned.safetensors"]
     assert tab.components["free_model"].visible is False  # no WebUI model to free
     data = run_event(blocks, tab.handler, inputs(base="sd15/base.safetensors", variant="sd15/tuned.safetensors"))
-    table, chart, send, use, name, status = data
+    table, chart, send, use, name, compare_button, select_base, _, _, status = data
     assert "Saved the LoRA" in status and "tuned.safetensors" in status
     assert (loras / "tuned.safetensors").is_file()
     assert json.loads((loras / "tuned.json").read_text())["sd version"] == "SD1"
     assert "<svg" in chart["value"]
     assert send.get("visible") is False  # no txt2img here
+    assert compare_button.get("visible") is False and select_base.get("visible") is False
+    assert tab.compare_handler is None  # nothing generates images outside the WebUI
     variant = run_event(blocks, tab.refresh_choices, [])[1]
     assert "LoRA: tuned" in [c[0] if isinstance(c, (list, tuple)) else c for c in variant["choices"]]
 
@@ -83,7 +85,7 @@ def test_standalone_stop(folders):
 
     services._extract_fn = extract_then_stop
     data = run_event(blocks, blocks.ckpt2lora.handler, inputs(base="sd15/base.safetensors", variant="sd15/tuned.safetensors"))
-    assert "Stopped: nothing was written." in data[-1]
+    assert job.STOPPED in data[-1]
     assert list(loras.iterdir()) == []
 
 

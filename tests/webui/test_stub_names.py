@@ -45,7 +45,9 @@ VERIFIED = {
         "get_closet_checkpoint_match",
         "unload_model_weights",
     },
-    "modules/shared.py": {"cmd_opts", "state"},  # shared.state is set by shared_init.initialize()
+    "modules/shared.py": {"cmd_opts", "state", "opts"},  # state / opts are set by shared_init.initialize()
+    # Compare: A1111 1.10 and Neo @3df257a (Processed(p, images_list, seed=-1, info="", ...)).
+    "modules/processing.py": {"StableDiffusionProcessingTxt2Img", "Processed", "process_images"},
     "modules/shared_state.py": {"State"},
     "modules/ui_components.py": {"FormComponent", "ToolButton"},
     "networks.py": {"available_networks", "available_network_aliases", "list_available_networks"},
@@ -55,12 +57,22 @@ VERIFIED = {
 
 ATTRIBUTES = {  # names used on objects, each present in all three WebUIs unless noted
     "State": {"skipped", "interrupted", "stopping_generation", "job", "job_no", "job_count", "sampling_step",
-              "sampling_steps", "textinfo", "time_start", "interrupt", "begin", "end"},
+              "sampling_steps", "textinfo", "time_start", "interrupt", "stop_generating", "begin", "end"},
+    # dataclass fields of StableDiffusionProcessing(Txt2Img), and close()
+    "StableDiffusionProcessingTxt2Img": {"prompt", "negative_prompt", "seed", "steps", "width", "height", "cfg_scale",
+                                         "sampler_name", "n_iter", "batch_size", "do_not_save_samples",
+                                         "do_not_save_grid", "override_settings",
+                                         "override_settings_restore_afterwards", "sd_model_name",
+                                         "extra_network_data", "close"},
+    "Processed": {"images", "prompt", "seed", "info", "sd_model_name"},
     "CheckpointInfo": {"filename", "name", "name_for_extra", "model_name", "sha256", "shorthash", "title",
                        "short_title", "ids", "register"},
     "NetworkOnDisk": {"name", "filename", "alias"},
     "SdVersion": {"Unknown", "SD1", "SD2", "SDXL"},  # A1111 (lllyasviel Forge adds Flux)
     "cmd_opts": {"lora_dir", "ckpt_dir"},  # ckpt_dir: A1111 / lllyasviel Forge (Neo has ckpt_dirs)
+    # opts: settings keys of shared_options.py (interrupt_after_current: A1111 default True, Neo
+    # False), and Options.data
+    "opts": {"interrupt_after_current", "sd_model_checkpoint", "data"},
     "ToolButton": {"get_block_name"},
     "FormComponent": {"get_expected_parent", "webui_do_not_create_gradio_pyi_thank_you"},  # the flag: Forge / Neo
 }  # fmt: skip
@@ -127,13 +139,18 @@ def test_stub_cmd_opts_are_real():
     assert set(vars(shared.cmd_opts)) <= ATTRIBUTES["cmd_opts"]
 
 
+def test_stub_opts_are_real():
+    shared = importlib.import_module("modules.shared")
+    assert set(vars(shared.opts)) <= ATTRIBUTES["opts"]
+
+
 def test_the_tab_uses_only_verified_webui_names():
     """Every ``sd_models.X`` / ``shared.X`` / ... that webui_services.py touches is in the stub."""
     source = (HERE.parents[1] / "lib_ckpt2lora" / "ui" / "webui_services.py").read_text()
     used = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
-            if node.value.id in ("sd_models", "shared", "call_queue", "ui_components", "networks"):
+            if node.value.id in ("sd_models", "shared", "call_queue", "ui_components", "networks", "processing"):
                 used.add((node.value.id, node.attr))
     allowed = {
         "sd_models": VERIFIED["modules/sd_models.py"],
@@ -141,6 +158,7 @@ def test_the_tab_uses_only_verified_webui_names():
         "call_queue": VERIFIED["modules/call_queue.py"],
         "ui_components": VERIFIED["modules/ui_components.py"],
         "networks": VERIFIED["networks.py"],
+        "processing": VERIFIED["modules/processing.py"],
     }
     unknown = {f"{mod}.{name}" for mod, name in used if name not in allowed[mod]}
     assert not unknown

@@ -139,11 +139,13 @@ def test_extract_writes_lora_sidecar_table_and_chart(sd15):
     services = blocks.ckpt2lora.services
     base, variant = title_of(services, "sd15_base"), title_of(services, "sd15_finetune")
     data = extract(blocks, base=base, variant=variant, name="my lora")
-    table, chart, send, use, name, status = data
+    table, chart, send, use, name, compare_button, select_base, result_base, result_variant, status = data
     assert "Saved the LoRA" in status and "my lora.safetensors" in status
     assert (sd15.loras / "my lora.safetensors").is_file()
     sidecar = json.loads((sd15.loras / "my lora.json").read_text())
     assert sidecar["sd version"] == "SD1" and sidecar["preferred weight"] == 1
+    if os.name != "nt":  # not private (mkstemp's 0600): the LoRA's own mode
+        assert (sd15.loras / "my lora.json").stat().st_mode == (sd15.loras / "my lora.safetensors").stat().st_mode
     rows = table["value"]["data"] if isinstance(table["value"], dict) else table["value"]
     assert rows[-1][0] == "Total" and rows[-1][1] == "ALL"
     assert any(r[0].startswith("IN-1") for r in rows) and any(r[0].startswith("text_encoder") for r in rows)
@@ -151,6 +153,8 @@ def test_extract_writes_lora_sidecar_table_and_chart(sd15):
     assert "<svg" in chart["value"] and "ckpt2lora-bar" in chart["value"] and chart["visible"] is True
     assert send.get("visible") is True and use.get("visible") is False
     assert name == "my lora"
+    assert compare_button.get("visible") is True and select_base.get("visible") is True
+    assert (result_base, result_variant) == (base, variant)
     assert len(sd_models.checkpoints_list) == 2  # a LoRA does not touch the checkpoint list
 
 
@@ -204,7 +208,7 @@ def test_webui_interrupt_stops_within_one_layer_and_leaves_nothing(sd15, monkeyp
     services = blocks.ckpt2lora.services
     before = sorted(p.name for p in sd15.models.iterdir())
     data = extract(blocks, base=title_of(services, "sd15_base"), variant=title_of(services, "sd15_finetune"), **output)
-    assert "Stopped: nothing was written." in data[-1]
+    assert job.STOPPED in data[-1]
     assert max(numbers) <= 3  # at most the layer under way finishes
     assert list(sd15.loras.iterdir()) == []
     assert sorted(p.name for p in sd15.models.iterdir()) == before
@@ -228,7 +232,7 @@ def test_stop_button_stops_our_job(sd15, monkeypatch):
 
     monkeypatch.setattr(shared, "state", PressStop())
     data = extract(blocks, base=title_of(tab.services, "sd15_base"), variant=title_of(tab.services, "sd15_finetune"))
-    assert "Stopped" in data[-1]
+    assert job.STOPPED in data[-1]
     assert max(numbers) <= 2
     assert list(sd15.loras.iterdir()) == []
     # A later run is not stopped by that old request, nor by a Stop pressed while idle.
@@ -270,7 +274,7 @@ def test_stop_while_waiting_for_a_generation(sd15):
         time.sleep(0.5)
         run_event(blocks, services.request_stop, [])
     worker.join(timeout=120)
-    assert results and "Stopped" in results[0][-1]
+    assert results and job.STOPPED in results[0][-1]
     assert list(sd15.loras.iterdir()) == []
 
 

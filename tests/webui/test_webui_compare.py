@@ -1,0 +1,206 @@
+"""Compare (issue 11 s4) and Send to txt2img's base-model choice, in the stub WebUI.
+
+The stub's ``modules.processing`` renders a deterministic image from (checkpoint file,
+LoRA tags and weights, prompt, seed, size), so each image can be checked against the one
+the right model and LoRA would give; the similarity is checked against numpy directly.
+Run under gradio 4.40.0 and 3.41.2 (run_ui_tests.sh).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_webui_tab import extract, title_of, webui_tab
+from uihelpers import run_event, write_pair
+
+from lib_ckpt2lora.ui import compare
+
+SETTINGS = {"prompt": "a red fox <lora:fox:1>", "negative_prompt": "blurry", "seed": "1234", "steps": "3",
+            "width": "96", "height": "64", "cfg_scale": "5", "sampler_name": "Euler a"}  # fmt: skip
+
+
+@pytest.fixture
+def extracted(webui):
+    """The stub WebUI with an SD1.5-layout pair and a LoRA extracted from it by the tab."""
+    from modules import sd_models
+
+    write_pair(webui.models, "sd15_base.safetensors", "sd15_finetune.safetensors")
+    sd_models.list_models()
+    blocks = webui_tab()
+    services = blocks.ckpt2lora.services
+    base, variant = title_of(services, "sd15_base"), title_of(services, "sd15_finetune")
+    data = extract(blocks, base=base, variant=variant, name="fox")
+    assert "Saved the LoRA" in data[-1], data[-1]
+    return blocks, data, base, variant
+
+
+def decoded(update) -> np.ndarray:
+    """An Image output as the browser gets it: a data URL (gradio 3) or a cached file (gradio 4)."""
+    value = update["value"] if isinstance(update, dict) and "value" in update else update
+    if isinstance(value, str) and value.startswith("data:image"):
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(value.split(",", 1)[1]))).convert("RGB"))
+    path = value["path"] if isinstance(value, dict) else value
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def expected_image(path, networks, prompt, seed, width=96, height=64) -> np.ndarray:
+    from modules import processing
+
+    return np.asarray(processing._render(str(path), networks, prompt, seed, width, height))
+
+
+def run_compare(blocks, data, settings=SETTINGS):
+    tab = blocks.ckpt2lora
+    name, base, variant = data[4], data[7], data[8]
+    return run_event(blocks, tab.compare_handler, ["task(cmp)", json.dumps(settings), name, base, variant])
+
+
+def test_extract_shows_compare_and_the_base_choice(extracted):
+    blocks, data, base, variant = extracted
+    _, _, send, _, name, compare_button, select_base, result_base, result_variant, _ = data
+    assert send.get("visible") is True and compare_button.get("visible") is True
+    assert select_base.get("visible") is True
+    assert blocks.ckpt2lora.select_base.value is True  # on by default
+    assert "base" in blocks.ckpt2lora.select_base.label
+    assert (name, result_base, result_variant) == ("fox", base, variant)
+
+
+def test_compare_generates_variant_and_base_plus_lora(extracted):
+    from modules import shared
+
+    blocks, data, _, _ = extracted
+    first, second, status = run_compare(blocks, data)
+    models = blocks.ckpt2lora.services.lora_dir().parent / "Stable-diffusion"
+    # The prompt without our tag on the variant; on the base with <lora:fox:1>; same seed.
+    want_variant = expected_image(models / "sd15_finetune.safetensors", [], "a red fox", 1234)
+    want_lora = expected_image(models / "sd15_base.safetensors", [("fox", 1.0)], "a red fox", 1234)
+    got_variant, got_lora = decoded(first), decoded(second)
+    assert np.array_equal(got_variant, want_variant)
+    assert np.array_equal(got_lora, want_lora)
+    assert "sd15_finetune" in first["label"] and "sd15_base" in second["label"] and "fox" in second["label"]
+    assert first["visible"] is True and second["visible"] is True
+    # The figures, against numpy directly and the tab's own SSIM.
+    mad = np.abs(want_variant.astype(float) - want_lora.astype(float)).mean()
+    luma = [compare.luminance(a.astype(float)) for a in (want_variant, want_lora)]
+    assert f"mean absolute pixel difference {mad:.1f} of 255" in status
+    assert f"SSIM {compare.ssim(*luma):.3f}" in status
+    assert "Seed 1234" in status and "ckpt2lora-similarity" in status
+    assert 0.0 < compare.ssim(*luma) < 0.99 and mad > 1
+    assert shared.opts.sd_model_checkpoint is None  # the override was for those two images only
+
+
+def test_compare_random_seed_uses_one_seed_for_both(extracted):
+    blocks, data, _, _ = extracted
+    first, second, status = run_compare(blocks, data, dict(SETTINGS, seed="-1"))
+    seed = int(status.split("Seed ", 1)[1].split(":", 1)[0])
+    models = blocks.ckpt2lora.services.lora_dir().parent / "Stable-diffusion"
+    assert np.array_equal(decoded(first), expected_image(models / "sd15_finetune.safetensors", [], "a red fox", seed))
+    assert np.array_equal(decoded(second), expected_image(models / "sd15_base.safetensors", [("fox", 1.0)], "a red fox", seed))
+
+
+def test_compare_waits_for_the_webuis_queue(extracted):
+    from modules import call_queue
+
+    blocks, data, _, _ = extracted
+    results = []
+    with call_queue.queue_lock:  # a txt2img generation is running
+        worker = threading.Thread(target=lambda: results.append(run_compare(blocks, data)))
+        worker.start()
+        time.sleep(0.5)
+        assert worker.is_alive() and not results
+    worker.join(timeout=60)
+    assert results and "SSIM" in results[0][-1]
+
+
+def test_interrupt_during_compare(extracted, monkeypatch):
+    from modules import processing, shared
+
+    blocks, data, _, _ = extracted
+    real = processing.process_images
+
+    def interrupted_first(p):
+        shared.state.interrupt()  # the WebUI's Interrupt pressed during the first image
+        return real(p)
+
+    monkeypatch.setattr(processing, "process_images", interrupted_first)
+    first, second, status = run_compare(blocks, data)
+    assert compare.INTERRUPTED in status and "ckpt2lora-stopped" in status
+    assert first["visible"] is False and second["visible"] is False
+
+
+def test_compare_with_a_checkpoint_gone_is_one_sentence(extracted):
+    from modules import sd_models
+
+    blocks, data, base, _ = extracted
+    for info in list(sd_models.checkpoints_list.values()):
+        if "sd15_base" in info.title:
+            sd_models.checkpoints_list.pop(info.title)
+            for alias in info.ids:
+                sd_models.checkpoint_aliases.pop(alias, None)
+    status = run_compare(blocks, data)[-1]
+    assert "ckpt2lora-error" in status and base in status and "not in the checkpoint list" in status
+    assert "Traceback" not in status
+
+
+def test_no_compare_for_two_variants_or_checkpoints(webui):
+    from modules import sd_models
+
+    from lib_ckpt2lora.ui import job
+
+    write_pair(webui.models, "sd15_base.safetensors", "sd15_finetune.safetensors")
+    sd_models.list_models()
+    blocks = webui_tab()
+    services = blocks.ckpt2lora.services
+    base, variant = title_of(services, "sd15_base"), title_of(services, "sd15_finetune")
+    data = extract(blocks, base=base, variant=variant, output_kind=job.OUTPUT_KINDS[1], name="ck")
+    assert "Saved the checkpoint" in data[-1]
+    assert data[5].get("visible") is False and data[6].get("visible") is False
+
+
+# -- units -----------------------------------------------------------------------------
+def test_plan_compare_tags_and_lora_variants():
+    settings = compare.parse_settings(json.dumps({"prompt": "cat, <lora:new:0.5> <lora:other:1>", "seed": "7"}))
+    first, second = compare.plan_compare("new", "base [1]", "ft [2]", settings)
+    assert (first.checkpoint, first.prompt) == ("ft [2]", "cat, <lora:other:1>")
+    assert (second.checkpoint, second.prompt) == ("base [1]", "cat, <lora:other:1> <lora:new:1>")
+    first, second = compare.plan_compare("new", "base [1]", "LoRA: style", settings)
+    assert (first.checkpoint, first.prompt) == ("base [1]", "cat, <lora:other:1> <lora:style:1>")
+    assert compare.parse_settings("not json") == compare.Txt2imgSettings()
+    assert compare.parse_settings('{"steps": "x", "width": "8"}').width == 64
+
+
+def brute_force_ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """SSIM window by window with explicit loops (Wang et al. 2004), to check the filtered one."""
+    g = compare.gaussian_window()
+    w = np.outer(g, g)
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    values = []
+    for i in range(a.shape[0] - 10):
+        for j in range(a.shape[1] - 10):
+            x, y = a[i : i + 11, j : j + 11], b[i : i + 11, j : j + 11]
+            mx, my = (w * x).sum(), (w * y).sum()
+            vx, vy = (w * (x - mx) ** 2).sum(), (w * (y - my) ** 2).sum()
+            cov = (w * (x - mx) * (y - my)).sum()
+            values.append(((2 * mx * my + c1) * (2 * cov + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
+    return float(np.mean(values))
+
+
+def test_ssim_matches_the_definition():
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0, 255, size=(20, 23))
+    b = np.clip(a + rng.normal(0, 30, size=a.shape), 0, 255)
+    assert compare.ssim(a, b) == pytest.approx(brute_force_ssim(a, b), abs=1e-9)
+    assert compare.ssim(a, a) == pytest.approx(1.0)
+    # Two flat images: only the luminance term is left, (2 m1 m2 + C1) / (m1^2 + m2^2 + C1).
+    c1 = (0.01 * 255) ** 2
+    flat = compare.ssim(np.full((16, 16), 100.0), np.full((16, 16), 150.0))
+    assert flat == pytest.approx((2 * 100 * 150 + c1) / (100**2 + 150**2 + c1))
+    same = compare.similarity(Image.new("RGB", (16, 16), (10, 20, 30)), Image.new("RGB", (16, 16), (12, 20, 30)))
+    assert same.mean_abs_diff == pytest.approx(2 / 3)
