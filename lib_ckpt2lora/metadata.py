@@ -51,14 +51,23 @@ def adapter_config(module_ranks: dict[str, int]) -> str:
     """
     ranks = {_without_prefix(module): rank for module, rank in module_ranks.items()}
     common = Counter(ranks.values()).most_common(1)[0][0]
+    patterns = _anchored(ranks)
     config = {
         "r": common,
         "lora_alpha": common,
-        "rank_pattern": ranks,
-        "alpha_pattern": ranks,
+        "rank_pattern": patterns,
+        "alpha_pattern": patterns,
         "target_modules": sorted(ranks),
     }
     return json.dumps({f"{COMPONENT}.{key}": value for key, value in config.items()}, sort_keys=True)
+
+
+def _anchored(ranks: dict[str, int]) -> dict[str, int]:
+    """peft matches a pattern key as ``(.*\\.)?(key)$``, so Flux's top-level ``proj_out``
+    would also give its rank to every ``single_transformer_blocks.N.proj_out``; such a key
+    gets ``^`` (then only the module itself matches). Other keys stay as they were."""
+    suffixes = {module.split(".", i)[-1] for module in ranks for i in range(1, module.count(".") + 1)}
+    return {("^" + module if module in suffixes else module): rank for module, rank in ranks.items()}
 
 
 def _without_prefix(module: str) -> str:
