@@ -26,5 +26,8 @@ def detect(infos: dict[str, TensorInfo], strict: bool = False, path=None) -> Arc
         if found is not None:
             return found
     if strict:
-        raise UserError(f"{path or 'The file'} is not an SD1.5, SDXL or Z-Image model; drop --strict to process it generically.")
+        raise UserError(
+            f"{path or 'The file'} is not an SD1.5, SDXL, Z-Image, Flux.1 or Chroma model; "
+            "drop --strict to process it generically."
+        )
     return Generic()
