@@ -8,6 +8,9 @@ K1 0.01, K2 0.03, on the luminance), in numpy only.
 
 from __future__ import annotations
 
+import base64
+import html
+import io
 import json
 import random
 import re
@@ -158,6 +161,23 @@ def similarity(first, second) -> Similarity:
     if a.shape != b.shape:
         raise UserError(f"The two images differ in size ({a.shape[1]}x{a.shape[0]} and {b.shape[1]}x{b.shape[0]}).")
     return Similarity(float(np.abs(a - b).mean()), ssim(luminance(a), luminance(b)))
+
+
+def png_data_url(image) -> str:
+    """A PIL image as a PNG data URL (lossless, so what is shown is what was measured)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def images_html(images, labels) -> str:
+    """The two images side by side, each under its label."""
+    figures = "".join(
+        f"<figure class='ckpt2lora-compare-image'><figcaption>{html.escape(label)}</figcaption>"
+        f"<img src='{png_data_url(image)}' alt='{html.escape(label)}'></figure>"
+        for image, label in zip(images, labels)
+    )
+    return f"<div class='ckpt2lora-compare-images'>{figures}</div>"
 
 
 @dataclass

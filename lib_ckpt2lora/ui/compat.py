@@ -33,7 +33,3 @@ def table_kwargs() -> dict:
 def gr_update(**kwargs):
     return gr.update(**kwargs)
 
-
-def image_kwargs() -> dict:
-    """Compare's images as PNG: gradio 4 sends webp by default (lossy), gradio 3 PNG."""
-    return {} if GRADIO_MAJOR < 4 else {"format": "png"}

@@ -14,7 +14,7 @@ import gradio as gr
 
 from ..options import FORMATS, SAVE_DTYPES, SVD_MODES
 from . import chart, compare, job
-from .compat import gr_update, image_kwargs, js_kwargs, progress_kwargs, table_kwargs
+from .compat import gr_update, js_kwargs, progress_kwargs, table_kwargs
 
 PREFIX = "ckpt2lora_"
 
@@ -272,24 +272,10 @@ def build_tab(services, css: str | None = None, title: str | None = None) -> gr.
                     visible=False,
                     elem_id=_id("select_base"),
                 )
-                # Compare: the txt2img prompt and seed on the variant, and on the base + the LoRA.
-                with gr.Row(elem_classes=["ckpt2lora-compare-images"]):
-                    compare_first = gr.Image(
-                        label="Variant",
-                        type="pil",
-                        interactive=False,
-                        visible=False,
-                        elem_id=_id("compare_variant"),
-                        **image_kwargs(),
-                    )
-                    compare_second = gr.Image(
-                        label="Base + LoRA",
-                        type="pil",
-                        interactive=False,
-                        visible=False,
-                        elem_id=_id("compare_lora"),
-                        **image_kwargs(),
-                    )
+                # Compare: the txt2img prompt and seed on the variant, and on the base + the LoRA,
+                # side by side as PNG data URLs in HTML (gr.Image as an event output breaks
+                # gradio 4.40's API info under current pydantic, and PNG keeps pixels exact).
+                compare_view = gr.HTML("", visible=False, elem_id=_id("compare_view"))
                 compare_status = gr.HTML("", elem_id=_id("compare_status"))
                 table = gr.Dataframe(
                     headers=list(chart.COLUMNS),
@@ -416,7 +402,7 @@ def build_tab(services, css: str | None = None, title: str | None = None) -> gr.
         use_button.click(fn=None, inputs=[result_name], outputs=[], **js_kwargs("(title) => ckpt2lora.selectCheckpoint(title)"))
 
         # -- Compare (WebUI only: it generates through the WebUI's processing and queue) --
-        compare_outputs = [compare_first, compare_second, compare_status]
+        compare_outputs = [compare_view, compare_status]
 
         def compare_job(reporter, settings_json, lora_name, base, variant):
             reporter.begin("ckpt2lora: Compare")
@@ -426,13 +412,10 @@ def build_tab(services, css: str | None = None, title: str | None = None) -> gr.
         def compare_updates(result: compare.CompareResult):
             if not result.ok:
                 css = "ckpt2lora-stopped" if result.message == compare.INTERRUPTED else "ckpt2lora-error error"
-                hidden = gr_update(visible=False)
-                return [hidden, hidden, f"<div class='{css}'>{html.escape(result.message)}</div>"]
-            first, second = (
-                gr_update(value=image, label=label, visible=True) for image, label in zip(result.images, result.labels)
-            )
+                return [gr_update(value="", visible=False), f"<div class='{css}'>{html.escape(result.message)}</div>"]
             text = f"Seed {result.seed}: {result.message}"
-            return [first, second, f"<div class='ckpt2lora-similarity'>{html.escape(text)}</div>"]
+            view = compare.images_html(result.images, result.labels)
+            return [gr_update(value=view, visible=True), f"<div class='ckpt2lora-similarity'>{html.escape(text)}</div>"]
 
         compare_handler = None
         if services.can_compare:

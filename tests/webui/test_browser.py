@@ -171,6 +171,7 @@ WEBUI_PAGE = """<!doctype html><html><body>
   document.querySelector('#txt2img_lora_extra_refresh_internal').addEventListener('click', () => calls.refreshed++);
 </script>
 <div id="ckpt2lora_status"></div>
+<div id="ckpt2lora_compare_status"></div>
 </body></html>"""
 
 
@@ -202,10 +203,20 @@ def test_send_to_txt2img_script(browser):
 
     page.evaluate("ckpt2lora.selectCheckpoint('new.safetensors [0123456789]')")
     assert page.evaluate("calls.checkpoint") == "new.safetensors [0123456789]"
+    # Send to txt2img with "also load the base model" ticked selects the base; unticked, not.
+    page.evaluate("ckpt2lora.sendToTxt2img('z', 'base.safetensors [abc]', true)")
+    assert page.evaluate("calls.checkpoint") == "base.safetensors [abc]"
+    page.evaluate("ckpt2lora.sendToTxt2img('z', 'other.safetensors [def]', false)")
+    assert page.evaluate("calls.checkpoint") == "base.safetensors [abc]"
 
     submitted = page.evaluate("ckpt2lora.submit(['', 'base', 'variant', 'extra output'], 3)")
     assert submitted == ["task(fixed)", "base", "variant"]
     assert page.evaluate("calls.progress") == [["task(fixed)", "ckpt2lora_status"]]
+    # Compare: the task id, and the txt2img prompt as JSON (fields the page lacks are null).
+    sent = page.evaluate("ckpt2lora.compare(['', '', 'lora', 'base', 'variant'], 5)")
+    assert sent[0] == "task(fixed)" and sent[2:] == ["lora", "base", "variant"]
+    assert json.loads(sent[1])["prompt"] == "trailing, <lora:z:1>" and json.loads(sent[1])["seed"] is None
+    assert page.evaluate("calls.progress")[-1] == ["task(fixed)", "ckpt2lora_compare_status"]
     page.close()
 
 
@@ -222,6 +233,7 @@ function updateInput(target) {
 function switch_to_txt2img() { gradioApp().querySelector("#tabs").querySelectorAll("button")[0].click(); }
 function randomId() { return "task(browser)"; }
 function requestProgress(id, container, gallery, atEnd) { window.__progress.push([id, container.id]); }
+function selectCheckpoint(name) { window.__checkpoint = name; }
 """
 
 
@@ -280,4 +292,16 @@ def test_webui_page_extract_then_send_to_txt2img(browser, webui_page):
     page.wait_for_function("document.querySelector('#refreshed textarea').value === 'yes'")  # Lora cards refreshed
     page.click("#echo_button")  # what txt2img would send to the server
     page.wait_for_function("document.querySelector('#echo textarea').value === '<lora:sd15_finetune:1>'")
+    assert page.evaluate("window.__checkpoint").startswith("sd15_base.safetensors [")  # the base is loaded
+
+    # Compare, from the tab: the txt2img seed and size, both images, the figures.
+    page.click("#tabs button:has-text('ckpt2lora')")
+    page.click("#ckpt2lora_compare")
+    page.wait_for_selector("#ckpt2lora_compare_status .ckpt2lora-similarity", timeout=60_000)
+    text = page.inner_text("#ckpt2lora_compare_status")
+    assert "Seed 77" in text and "SSIM" in text and "mean absolute pixel difference" in text
+    page.wait_for_function(
+        "Array.from(document.querySelectorAll('#ckpt2lora_compare_view img')).filter(i => i.naturalWidth === 96).length === 2"
+    )
+    assert page.is_visible("#ckpt2lora_compare_view img")
     page.close()

@@ -9,8 +9,10 @@ Run under gradio 4.40.0 and 3.41.2 (run_ui_tests.sh).
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
+import re
 import threading
 import time
 
@@ -41,13 +43,12 @@ def extracted(webui):
     return blocks, data, base, variant
 
 
-def decoded(update) -> np.ndarray:
-    """An Image output as the browser gets it: a data URL (gradio 3) or a cached file (gradio 4)."""
-    value = update["value"] if isinstance(update, dict) and "value" in update else update
-    if isinstance(value, str) and value.startswith("data:image"):
-        return np.asarray(Image.open(io.BytesIO(base64.b64decode(value.split(",", 1)[1]))).convert("RGB"))
-    path = value["path"] if isinstance(value, dict) else value
-    return np.asarray(Image.open(path).convert("RGB"))
+def shown(view) -> list[tuple[str, np.ndarray]]:
+    """The compare view as the browser gets it: (caption, decoded PNG) per image."""
+    assert view["visible"] is True
+    found = re.findall(r"<figcaption>([^<]*)</figcaption><img src='data:image/png;base64,([^']*)'", view["value"])
+    return [(html.unescape(label), np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")))
+            for label, data in found]  # fmt: skip
 
 
 def expected_image(path, networks, prompt, seed, width=96, height=64) -> np.ndarray:
@@ -76,16 +77,15 @@ def test_compare_generates_variant_and_base_plus_lora(extracted):
     from modules import shared
 
     blocks, data, _, _ = extracted
-    first, second, status = run_compare(blocks, data)
+    view, status = run_compare(blocks, data)
+    (first, got_variant), (second, got_lora) = shown(view)
     models = blocks.ckpt2lora.services.lora_dir().parent / "Stable-diffusion"
     # The prompt without our tag on the variant; on the base with <lora:fox:1>; same seed.
     want_variant = expected_image(models / "sd15_finetune.safetensors", [], "a red fox", 1234)
     want_lora = expected_image(models / "sd15_base.safetensors", [("fox", 1.0)], "a red fox", 1234)
-    got_variant, got_lora = decoded(first), decoded(second)
     assert np.array_equal(got_variant, want_variant)
     assert np.array_equal(got_lora, want_lora)
-    assert "sd15_finetune" in first["label"] and "sd15_base" in second["label"] and "fox" in second["label"]
-    assert first["visible"] is True and second["visible"] is True
+    assert "sd15_finetune" in first and "sd15_base" in second and "fox" in second
     # The figures, against numpy directly and the tab's own SSIM.
     mad = np.abs(want_variant.astype(float) - want_lora.astype(float)).mean()
     luma = [compare.luminance(a.astype(float)) for a in (want_variant, want_lora)]
@@ -98,11 +98,12 @@ def test_compare_generates_variant_and_base_plus_lora(extracted):
 
 def test_compare_random_seed_uses_one_seed_for_both(extracted):
     blocks, data, _, _ = extracted
-    first, second, status = run_compare(blocks, data, dict(SETTINGS, seed="-1"))
+    view, status = run_compare(blocks, data, dict(SETTINGS, seed="-1"))
+    (_, first), (_, second) = shown(view)
     seed = int(status.split("Seed ", 1)[1].split(":", 1)[0])
     models = blocks.ckpt2lora.services.lora_dir().parent / "Stable-diffusion"
-    assert np.array_equal(decoded(first), expected_image(models / "sd15_finetune.safetensors", [], "a red fox", seed))
-    assert np.array_equal(decoded(second), expected_image(models / "sd15_base.safetensors", [("fox", 1.0)], "a red fox", seed))
+    assert np.array_equal(first, expected_image(models / "sd15_finetune.safetensors", [], "a red fox", seed))
+    assert np.array_equal(second, expected_image(models / "sd15_base.safetensors", [("fox", 1.0)], "a red fox", seed))
 
 
 def test_compare_waits_for_the_webuis_queue(extracted):
@@ -130,9 +131,9 @@ def test_interrupt_during_compare(extracted, monkeypatch):
         return real(p)
 
     monkeypatch.setattr(processing, "process_images", interrupted_first)
-    first, second, status = run_compare(blocks, data)
+    view, status = run_compare(blocks, data)
     assert compare.INTERRUPTED in status and "ckpt2lora-stopped" in status
-    assert first["visible"] is False and second["visible"] is False
+    assert view["visible"] is False
 
 
 def test_compare_with_a_checkpoint_gone_is_one_sentence(extracted):

@@ -4,7 +4,7 @@
 
 The txt2img tab holds what the real one has for our purposes: the prompt
 (#txt2img_prompt) and the Lora cards' hidden refresh button
-(#txt2img_lora_extra_refresh_internal), plus an "echo" event that reads the prompt back
+(#txt2img_lora_extra_refresh_internal), the seed and size Compare reads, plus an "echo" event that reads the prompt back
 from gradio's state, to prove the page's value reached gradio.
 """
 
@@ -24,6 +24,10 @@ def main(workdir: Path, port: int) -> None:
         with gr.Tabs(elem_id="tabs"):
             with gr.TabItem("txt2img", id="txt2img", elem_id="tab_txt2img"):
                 prompt = gr.Textbox(label="Prompt", elem_id="txt2img_prompt", lines=3)
+                # What Compare reads, with A1111's element ids (ui.py / ui_toprow.py).
+                gr.Number(label="Seed", value=77, elem_id="txt2img_seed", precision=0)
+                gr.Slider(label="Width", minimum=64, maximum=2048, step=8, value=96, elem_id="txt2img_width")
+                gr.Slider(label="Height", minimum=64, maximum=2048, step=8, value=64, elem_id="txt2img_height")
                 refresh = gr.Button("Refresh", elem_id="txt2img_lora_extra_refresh_internal")
                 echo_button = gr.Button("Echo", elem_id="echo_button")
                 echo = gr.Textbox(label="Echo", elem_id="echo")
