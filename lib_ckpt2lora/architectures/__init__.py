@@ -12,10 +12,11 @@ from .base import Architecture, FileView, Group, LoraStyle, RawRef
 from .chroma import Chroma
 from .flux import Flux
 from .generic import Generic
+from .lumina2 import Lumina2
 from .stable_diffusion import SD15, SDXL
 from .zimage import ZImage
 
-DETECTION_ORDER: tuple[type[Architecture], ...] = (ZImage, Flux, Chroma, SDXL, SD15)
+DETECTION_ORDER: tuple[type[Architecture], ...] = (Lumina2, ZImage, Flux, Chroma, SDXL, SD15)
 
 __all__ = ["Architecture", "FileView", "Group", "LoraStyle", "RawRef", "detect"]
 
@@ -27,7 +28,7 @@ def detect(infos: dict[str, TensorInfo], strict: bool = False, path=None) -> Arc
             return found
     if strict:
         raise UserError(
-            f"{path or 'The file'} is not an SD1.5, SDXL, Z-Image, Flux.1 or Chroma model; "
+            f"{path or 'The file'} is not an SD1.5, SDXL, Z-Image, Flux.1, Chroma or Lumina-Image-2.0 model; "
             "drop --strict to process it generically."
         )
     return Generic()
