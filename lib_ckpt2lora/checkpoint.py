@@ -8,8 +8,9 @@ memory is a few tensors whatever the model's size.
 With --detail (low-rank checkpoints only) the residual each layer's low-rank change missed
 is extracted as a LoRA, written beside the checkpoint (or to ``opts.detail_out``): base +
 checkpoint's change + detail LoRA on top gets closer to the variant, as with a LoRA run.
-The detail LoRA is written, atomically, once the checkpoint is complete but before it is
-renamed into place, so a failure of either leaves neither new file.
+The detail LoRA is written once the checkpoint is complete; both files are staged under
+temporary names and renamed together (writing.output_group), so a failure of either,
+even of the second rename under --overwrite, leaves the old files as they were.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .constants import PREFETCH_DEPTH
 from .errors import Cancelled, UserError
 from .metadata import tool_metadata
 from .prefetch import prefetched
-from .writing import check_output_path, write_streamed
+from .writing import check_output_path, output_group, write_streamed
 
 # Room beyond the model's size kept free on the disk (filesystem metadata, other writers).
 DISK_MARGIN_BYTES = 64 * 2**20
@@ -83,26 +84,23 @@ def write_checkpoint(plan, opts, runner, progress, should_stop):
     metadata.update(tool_metadata(opts, plan.arch, "checkpoint", "checkpoint-full" if opts.checkpoint_full else "checkpoint"))
     entries = [(key, info.dtype, info.shape) for key, info in base_file.infos.items()]
     written: list = []
-
-    def before_rename() -> None:
-        runner.finish()
-        if opts.detail and detail:
-            written.append(write_detail_lora(plan, opts, detail))
-        elif opts.detail:
-            plan.report.warnings.append("The low-rank change holds the whole difference: no detail LoRA was written.")
-
     try:
-        write_streamed(opts.out, entries, produce, metadata, opts.overwrite, before_rename=before_rename)
-    except BaseException:
-        for path in written:  # the checkpoint did not land: take its detail LoRA back
-            path.unlink(missing_ok=True)
-        raise
+        with output_group(opts.overwrite) as group:
+
+            def before_rename() -> None:
+                runner.finish()
+                if opts.detail and detail:
+                    written.append(write_detail_lora(plan, opts, detail, group))
+                elif opts.detail:
+                    plan.report.warnings.append("The low-rank change holds the whole difference: no detail LoRA was written.")
+
+            write_streamed(opts.out, entries, produce, metadata, opts.overwrite, before_rename=before_rename, group=group)
     finally:
         stream.close()
     return [opts.out, *written]
 
 
-def write_detail_lora(plan, opts, detail: dict[str, torch.Tensor]):
+def write_detail_lora(plan, opts, detail: dict[str, torch.Tensor], group=None):
     from .extract import complete_attention_groups, detail_output
     from .metadata import lora_metadata
     from .writing import write_tensors
@@ -111,5 +109,6 @@ def write_detail_lora(plan, opts, detail: dict[str, torch.Tensor]):
     detail = complete_attention_groups(plan, opts, detail, "detail LoRA")
     down = plan.arch.formats[plan.fmt].down
     ranks = {name[: -len(down)]: int(t.shape[0]) for name, t in detail.items() if name.endswith(down)}
-    write_tensors(path, detail, lora_metadata(plan.arch, opts, ranks, path.stem, plan.fmt, kind="detail"), opts.overwrite)
+    metadata = lora_metadata(plan.arch, opts, ranks, path.stem, plan.fmt, kind="detail")
+    write_tensors(path, detail, metadata, opts.overwrite, group=group)
     return path

@@ -244,3 +244,30 @@ def test_overwrite_detail_replaces_both(pair, tmp_path):
     assert load_state(main) and load_state(detail)
     assert main.read_bytes() != OLD_MAIN and detail.read_bytes() != OLD_DETAIL
     assert not hidden_files(out)
+
+
+@pytest.mark.parametrize("failing", ["x.safetensors", "x_detail.safetensors"])
+def test_overwrite_checkpoint_detail_rename_fails_keeps_both_old_files(pair, tmp_path, monkeypatch, failing):
+    """--checkpoint --detail --overwrite: the checkpoint and its detail LoRA land together or
+    not at all (the detail file is renamed first, so failing the checkpoint's rename, the
+    second, must put the old detail file back)."""
+    out, main, detail, before = _old_pair(tmp_path)
+    monkeypatch.setattr(os, "replace", windows_in_use(failing))
+    with pytest.raises(UserError) as caught:
+        _extract_checkpoint_pair(pair, main)
+    assert failing in str(caught.value)
+    assert main.read_bytes() == OLD_MAIN and detail.read_bytes() == OLD_DETAIL
+    assert snapshot(out) == before and not hidden_files(out)
+
+
+def test_overwrite_checkpoint_detail_replaces_both(pair, tmp_path):
+    out, main, detail, _ = _old_pair(tmp_path)
+    result = _extract_checkpoint_pair(pair, main)
+    assert result.outputs == [main, detail]
+    assert load_state(main) and load_state(detail)
+    assert not hidden_files(out)
+
+
+def _extract_checkpoint_pair(pair, main: Path):
+    options = ExtractOptions(base=pair[0], variant=pair[1], out=main, checkpoint=True, detail=True, overwrite=True)
+    return extract(options, log=quiet)
