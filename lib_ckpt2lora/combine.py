@@ -42,6 +42,7 @@ import math
 
 import torch
 
+from .devices import to_float64  # MPS has no float64
 from .svd import squared_norm, top_singular_triplets
 
 # M's leading triplets computed per layer: twice the output's rank cap.
@@ -122,7 +123,8 @@ def noise_floor(singular_values: torch.Tensor, total_energy: float, rows: int, c
     noise with the energy left outside them; the count and sigma are refined together."""
     if min(rows, cols) < 2 or total_energy <= 0:
         return 0.0, 0
-    energies = singular_values.double().square()
+    values = to_float64(singular_values)
+    energies = values.square()
     spikes, edge = 0, 0.0
     for _ in range(NOISE_ROUNDS):
         rest = max(total_energy - float(energies[:spikes].sum()), 0.0)
@@ -130,7 +132,7 @@ def noise_floor(singular_values: torch.Tensor, total_energy: float, rows: int, c
         if r <= 0 or c <= 0:
             return 0.0, spikes
         edge = math.sqrt(rest / (r * c)) * (math.sqrt(r) + math.sqrt(c))
-        count = int((singular_values.double() > edge).sum())
+        count = int((values > edge).sum())
         if count == spikes:
             break
         spikes = count
