@@ -263,3 +263,95 @@ def test_lumina2_layouts_give_the_same_lora(lumina2_pair, tmp_path):
     a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
     assert set(a) == set(b)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+# == Qwen-Image ==================================================================================
+# One layout (ComfyUI's names are diffusers'), nothing fused: both formats must load in
+# diffusers' QwenImagePipeline with every module and, the default, apply the ComfyUI way.
+
+QWEN_FULL = dict(
+    num_layers=60, attention_head_dim=128, num_attention_heads=24, joint_attention_dim=3584, in_channels=64, out_channels=16
+)
+QWEN_TINY = dict(
+    num_layers=2, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24, in_channels=16, out_channels=4,
+    axes_dims_rope=(4, 6, 6),
+)
+
+
+@pytest.mark.parametrize("fmt", ["diffusion_model", "diffusers"])
+@pytest.mark.parametrize("prefix", ["", ALL_IN_ONE])
+def test_qwen_image_full_size_names_load_in_diffusers(prefix, fmt):
+    from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
+
+    model = meta(lambda: QwenImageTransformer2DModel(**QWEN_FULL))
+    state = {prefix + k: torch.empty(v.shape, dtype=torch.bfloat16, device="meta") for k, v in model.state_dict().items()}
+    if prefix:
+        state["text_encoders.qwen25_7b.transformer.model.embed_tokens.weight"] = torch.empty(152064, 3584, device="meta")
+        state["vae.decoder.conv_in.weight"] = torch.empty(384, 16, 3, 3, 3, device="meta")
+    infos = infos_of(state)
+    arch = architectures.detect(infos)
+    assert arch.name == "qwen_image"
+    described = arch.describe(infos)
+    assert described.startswith("Qwen-Image, 60 blocks")
+    assert ("text_encoders, vae skipped (text encoder Qwen2.5-VL" in described) == bool(prefix)
+    lora, missing, view = sized_lora(arch, fmt, infos)
+    if arch.formats[fmt].writes_alpha:
+        downs = [k for k in lora if k.endswith(".lora_A.weight")]
+        lora.update({k.replace(".lora_A.weight", ".alpha"): torch.tensor(1.0) for k in downs})
+    assert missing == []
+    expected = {key.rpartition(".")[0] for key, shape in view.shapes.items() if len(shape) >= 2}
+    assert len(expected) == 60 * 14 + 6 and expected <= module_names(model)
+    converted = QwenImagePipeline.lora_state_dict(lora)
+    landed = {name.removeprefix("transformer.") for name in converted_modules(converted)}
+    assert landed == expected
+
+
+def qwen_transformer(seed=0):
+    from diffusers import QwenImageTransformer2DModel
+
+    return tm.randomize_(QwenImageTransformer2DModel(**QWEN_TINY), seed).eval()
+
+
+@pytest.fixture(scope="module")
+def qwen_pair(tmp_path_factory, one_torch_thread):
+    folder = tmp_path_factory.mktemp("qwen")
+    model = qwen_transformer(seed=0)
+    tiny = tm.TinyModel({"transformer": model}, "qwen_image", {k: ("transformer", k) for k in model.state_dict()})
+    base = tiny.states()
+    variant = {"transformer": tm.make_variant(base["transformer"], seed=1)}
+    # ComfyUI's all-in-one layout for the base, diffusers' bare shard for the variant
+    base_path = tm.save({ALL_IN_ONE + k: v for k, v in base["transformer"].items()}, folder / "base.safetensors")
+    variant_path = tm.save(variant["transformer"], folder / "variant.safetensors")
+    return lc.Pair(tiny, base, variant, base_path, variant_path)
+
+
+@pytest.mark.parametrize("fmt", ["diffusion_model", "diffusers"])
+def test_qwen_image_loads_exactly_in_diffusers(qwen_pair, tmp_path, fmt):
+    from diffusers import QwenImagePipeline
+
+    pair = qwen_pair
+    out = tmp_path / "lora.safetensors"
+    result = lc.run_extract(pair.base_path, pair.variant_path, out, format=fmt)
+    assert result.architecture == "qwen_image"
+    lora = lc.check_report_matches_file(result, out)
+    head = "diffusion_model." if fmt == "diffusion_model" else "transformer."
+    assert all(k.startswith(head) for k in lora)
+    assert any(k.endswith(".alpha") for k in lora) == (fmt == "diffusion_model")
+    written = lc.written_params(pair.model, result)
+    lc.assert_coverage(pair, written, ())
+    transformer = pair.model.copy_with(pair.base).components["transformer"]
+    pipeline = QwenImagePipeline(None, None, None, None, transformer)
+    messages, injected = lc.diffusers_load(pipeline, out, {"transformer": transformer})
+    complaints = [m for m in lc.key_complaints(messages) if "prefix='text_encoder'" not in m]
+    assert not complaints, messages
+    lc.assert_injected(injected, written, len(lc.lora_module_names(lora)), "diffusers")
+    pipeline.fuse_lora()
+    checked = lc.assert_weights(pair, {"transformer": lc.clean_state(transformer)}, written, "diffusers")
+    assert checked == len(result.report.layers)
+
+
+def test_qwen_image_default_format_applies_exactly_the_comfyui_way(qwen_pair, tmp_path):
+    out = tmp_path / "lora.safetensors"
+    result = lc.run_extract(qwen_pair.base_path, qwen_pair.variant_path, out)
+    lora = lc.check_report_matches_file(result, out)
+    assert_comfy_exact(lora, qwen_pair.base["transformer"], qwen_pair.variant["transformer"])

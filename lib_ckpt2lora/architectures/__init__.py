@@ -13,10 +13,11 @@ from .chroma import Chroma
 from .flux import Flux
 from .generic import Generic
 from .lumina2 import Lumina2
+from .qwen_image import QwenImage
 from .stable_diffusion import SD15, SDXL
 from .zimage import ZImage
 
-DETECTION_ORDER: tuple[type[Architecture], ...] = (Lumina2, ZImage, Flux, Chroma, SDXL, SD15)
+DETECTION_ORDER: tuple[type[Architecture], ...] = (Lumina2, ZImage, Flux, Chroma, QwenImage, SDXL, SD15)
 
 __all__ = ["Architecture", "FileView", "Group", "LoraStyle", "RawRef", "detect"]
 
@@ -28,7 +29,7 @@ def detect(infos: dict[str, TensorInfo], strict: bool = False, path=None) -> Arc
             return found
     if strict:
         raise UserError(
-            f"{path or 'The file'} is not an SD1.5, SDXL, Z-Image, Flux.1, Chroma or Lumina-Image-2.0 model; "
+            f"{path or 'The file'} is not an SD1.5, SDXL, Z-Image, Flux.1, Chroma, Qwen-Image or Lumina-Image-2.0 model; "
             "drop --strict to process it generically."
         )
     return Generic()
