@@ -64,7 +64,7 @@ ENGINE_PY="$(lane_env_dir "$STACK-engine" "$PYTHON" "tests/lanes/$STACK-torch.tx
 UI_PY="$(lane_env_dir "$STACK-ui" "$PYTHON" "tests/lanes/$STACK-torch.txt" "tests/lanes/$STACK-ui.txt")/bin/python"
 
 # What this stack's loaders cannot check (tests/lanes/<stack>-excluded.txt): printed, then
-# --ignore'd (a file) or --deselect'ed (a test, all its parameters).
+# left off the list (a file) or --deselect'ed (a test, all its parameters).
 EXCLUDE_ARGS=()
 EXCLUDED="tests/lanes/$STACK-excluded.txt"
 if [[ -f "$EXCLUDED" ]]; then
@@ -74,8 +74,15 @@ if [[ -f "$EXCLUDED" ]]; then
         entry="${entry// /}"
         [[ -n "$entry" ]] || continue
         echo "    excluded: $line"
-        if [[ "$entry" == *::* ]]; then EXCLUDE_ARGS+=(--deselect "$entry"); else EXCLUDE_ARGS+=(--ignore "$entry"); fi
+        if [[ "$entry" == *::* ]]; then
+            EXCLUDE_ARGS+=(--deselect "$entry")
+        else # a whole file: pytest's --ignore does not apply to files named on its command line
+            for i in "${!ENGINE_TESTS[@]}"; do
+                [[ "${ENGINE_TESTS[$i]}" != "$entry" ]] || unset "ENGINE_TESTS[$i]"
+            done
+        fi
     done <"$EXCLUDED"
+    ENGINE_TESTS=("${ENGINE_TESTS[@]}")
 fi
 
 status=0
