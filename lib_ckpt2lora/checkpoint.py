@@ -33,6 +33,11 @@ DISK_MARGIN_BYTES = 64 * 2**20
 def write_checkpoint(plan, opts, runner, progress, should_stop):
     base_file = plan.base.file
     check_output_path(opts.out, opts.overwrite)
+    if plan.base.scales:  # its weights are written raw: fp8 values plus the LoRA's real-scale delta
+        raise UserError(
+            f"The base {base_file.path.name} is a scaled-fp8 checkpoint, which --checkpoint cannot write over; "
+            "give its bf16/fp16 release as --base (a LoRA output reads scaled fp8 fine)."
+        )
     needed = sum(info.numel * torch.empty((), dtype=info.dtype).element_size() for info in base_file.infos.values())
     free = shutil.disk_usage(opts.out.parent).free
     if free < needed + DISK_MARGIN_BYTES:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from . import scaled_fp8
 from .errors import UserError
 
 # Header sizes of real checkpoints are a few MB at most; more means a damaged file.
@@ -79,6 +80,10 @@ class TensorFile:
             self.infos = self._open_pickle()
         else:
             self.infos = self._open_safetensors()
+        # ComfyUI scaled fp8: the scale tensors leave infos (not layers) and are read with their weight
+        every = dict(self.infos)
+        self.fp8_scales = scaled_fp8.take_scales(self.infos)
+        self.scale_infos = {key: every[key] for key in every.keys() - self.infos.keys()}
 
     # -- opening ---------------------------------------------------------------------
     def _open_safetensors(self) -> dict[str, TensorInfo]:
@@ -122,7 +127,7 @@ class TensorFile:
         if self._state_dict is not None:
             tensor = self._state_dict[key]
             return tensor[rows[0] : rows[1]] if rows else tensor
-        info = self.infos[key]
+        info = self.infos.get(key) or self.scale_infos[key]
         shape = list(info.shape)
         begin, end = self._offsets[key]
         if rows is not None:

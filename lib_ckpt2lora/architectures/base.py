@@ -10,8 +10,9 @@ module of every canonical weight in each output format, and groups it for the re
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from .. import scaled_fp8
 from ..reading import TensorFile, TensorInfo
 
 
@@ -130,6 +131,8 @@ class FileView:
     arch: Architecture
     refs: dict[str, RawRef]
     shapes: dict[str, tuple[int, ...]]
+    # ComfyUI scaled-fp8 files: weight raw key -> its scale's raw key (scaled_fp8.py, TensorFile)
+    scales: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def build(cls, file: TensorFile, arch: Architecture) -> FileView:
@@ -139,14 +142,18 @@ class FileView:
             for key, ref, shape in arch.canonical(raw_key, info):
                 refs[key] = ref
                 shapes[key] = shape
-        return cls(file, arch, refs, shapes)
+        return cls(file, arch, refs, shapes, getattr(file, "fp8_scales", {}))
 
     def dtype(self, key: str):
         return self.file.infos[self.refs[key].key].dtype
 
     def read(self, key: str):
         ref = self.refs[key]
-        return self.file.get(ref.key, ref.rows)
+        stored = self.file.get(ref.key, ref.rows)
+        scale = self.scales.get(ref.key)
+        if scale is None:
+            return stored
+        return scaled_fp8.dequantize(stored, self.file.get(scale), ref.key, self.file.path)
 
 
 def strip_weight_suffix(canonical_key: str) -> tuple[str, str]:
