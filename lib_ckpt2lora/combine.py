@@ -52,6 +52,8 @@ WIDTH_FACTOR = 2
 NEGLIGIBLE = 0.01
 # Rounds of the spike / noise-level estimate (it converges in two or three).
 NOISE_ROUNDS = 5
+# Energy left outside the spikes below this fraction of the total is rounding, not noise.
+ROUNDING = 1e-5
 
 
 def common_part(
@@ -127,7 +129,12 @@ def noise_floor(singular_values: torch.Tensor, total_energy: float, rows: int, c
     energies = values.square()
     spikes, edge = 0, 0.0
     for _ in range(NOISE_ROUNDS):
-        rest = max(total_energy - float(energies[:spikes].sum()), 0.0)
+        rest = total_energy - float(energies[:spikes].sum())
+        if rest <= ROUNDING * total_energy:
+            # The spikes hold all of it (an exactly low-rank matrix): no noise bulk. The rest
+            # is fp32 rounding of either sign, and -A's SVD rounds differently from A's:
+            # deciding on its value made the common part of (V1, V2) and (V2, V1) differ.
+            return 0.0, spikes
         r, c = rows - spikes, cols - spikes
         if r <= 0 or c <= 0:
             return 0.0, spikes

@@ -158,7 +158,9 @@ def test_common_is_symmetric_and_is_the_shared_part(zimage):
     d1, d2 = zimage.variant("s_a1", (1, 1, 0)), zimage.variant("s_a2", (1, 0, 1))
     _, one_two = run_extract(zimage.folder, zimage.base, d1, "common_12", variant2=d2, **OPTIONS)
     _, two_one = run_extract(zimage.folder, zimage.base, d2, "common_21", variant2=d1, **OPTIONS)
-    assert_dense_close(dense(one_two), dense(two_one), tolerance=1e-4)
+    # 1e-5, not bit-equal: -A's SVD picks another basis of a degenerate cluster (equal-norm
+    # pieces); measured 1.5e-6. It was 7e-5 while the noise floor read A's fp32 rounding.
+    assert_dense_close(dense(one_two), dense(two_one), tolerance=1e-5)
     assert_dense_close(dense(one_two), expected_modules(zimage, (1, 0, 0)))
 
 
