@@ -53,15 +53,56 @@ def dequantized(fp8_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def tiny_flux_bfl_shapes(h=32, head=16, mlp=128, context=24, pooled=20, channels=64):
+    """The BFL key list of dit_layouts' tiny Flux.1-dev, written out so this test needs no
+    diffusers model (diffusers' Flux needs torch 2.4; scaled fp8 must read on torch 2.1 too).
+    test_tiny_flux_shapes_are_the_real_models checks it against the real class."""
+    shapes = {}
+
+    def linear(name, rows, cols):
+        shapes[name + ".weight"], shapes[name + ".bias"] = (rows, cols), (rows,)
+
+    for i in range(2):
+        for stream in ("img", "txt"):
+            b = f"double_blocks.{i}.{stream}_"
+            linear(b + "attn.qkv", 3 * h, h)
+            linear(b + "attn.proj", h, h)
+            shapes[b + "attn.norm.query_norm.scale"] = shapes[b + "attn.norm.key_norm.scale"] = (head,)
+            linear(b + "mlp.0", 4 * h, h)
+            linear(b + "mlp.2", h, 4 * h)
+            linear(b + "mod.lin", 6 * h, h)
+        b = f"single_blocks.{i}."
+        linear(b + "linear1", 3 * h + mlp, h)
+        linear(b + "linear2", h, h + mlp)
+        shapes[b + "norm.query_norm.scale"] = shapes[b + "norm.key_norm.scale"] = (head,)
+        linear(b + "modulation.lin", 3 * h, h)
+    linear("img_in", h, channels)
+    linear("txt_in", h, context)
+    for name, cols in (("time_in", 256), ("vector_in", pooled), ("guidance_in", 256)):
+        linear(name + ".in_layer", h, cols)
+        linear(name + ".out_layer", h, h)
+    linear("final_layer.linear", channels, h)
+    linear("final_layer.adaLN_modulation.1", 2 * h, h)
+    return shapes
+
+
+def test_tiny_flux_shapes_are_the_real_models():
+    try:
+        model = dl.flux_transformer(seed=0)
+    except AttributeError as error:  # torch < 2.4: no torch.nn.RMSNorm for diffusers' Flux
+        pytest.skip(str(error))
+    real = {k: tuple(v.shape) for k, v in dl.to_bfl(model.state_dict()).items()}
+    assert real == tiny_flux_bfl_shapes()
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, one_torch_thread):
     folder = tmp_path_factory.mktemp("fp8")
-    model = dl.flux_transformer(seed=0)
-    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    base_bfl = {k: torch.randn(shape, generator=generator) * 0.05 for k, shape in tiny_flux_bfl_shapes().items()}
     # a fine-tune whose change is large next to fp8's rounding (3 mantissa bits, ~3% per value)
-    variant = tm.make_variant(base, seed=1)
-    variant = {k: base[k] + 8 * (v - base[k]) for k, v in variant.items()}
-    base_bfl, variant_bfl = dl.to_bfl(base), dl.to_bfl(variant)
+    variant_bfl = tm.make_variant(base_bfl, seed=1)
+    variant_bfl = {k: base_bfl[k] + 8 * (v - base_bfl[k]) for k, v in variant_bfl.items()}
     fp8 = to_scaled_fp8(variant_bfl)
     base_path = tm.save(base_bfl, folder / "flux1-dev.safetensors")
     variant_path = tm.save(fp8, folder / "flux1-dev-finetune-fp8-scaled.safetensors", dtype=None)
