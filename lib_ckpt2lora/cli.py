@@ -9,6 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
+from .architectures import KNOWN_FAMILIES
 from .constants import VERSION
 from .errors import Cancelled, UserError
 from .options import FORMATS, SAVE_DTYPES, SVD_MODES, ExtractOptions
@@ -107,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         "then stop; reads headers only, writes nothing, needs no --out",
     )
     extra.add_argument("--overwrite", action="store_true", help="Replace an existing output file")
-    extra.add_argument("--strict", action="store_true", help="Refuse models that are not SD1.5, SDXL or Z-Image")
+    extra.add_argument("--strict", action="store_true", help=f"Refuse models that are not {KNOWN_FAMILIES}")
     extra.add_argument("--report-json", help="Also write the report (summary and per-layer data) as JSON")
     extra.add_argument("--debug", action="store_true", help="Show a traceback on errors")
     extra.add_argument("--version", action="version", version=f"ckpt2lora {VERSION}")

@@ -130,7 +130,7 @@ def make_plan(opts: ExtractOptions, stack: contextlib.ExitStack, log: Callable[[
     log(f"Base: {opts.base.name}: {report.description}.")
     if arch.name == "generic":
         report.warnings.append(
-            f"{opts.base.name} is not an SD1.5, SDXL or Z-Image model; LoRA keys use ComfyUI's "
+            f"{opts.base.name} is not an {architectures.KNOWN_FAMILIES} model; LoRA keys use ComfyUI's "
             "diffusion_model.<key> form (pass --strict to refuse instead)."
         )
     fmt = arch.resolve_format(opts.format)

@@ -18,8 +18,10 @@ from .stable_diffusion import SD15, SDXL
 from .zimage import ZImage
 
 DETECTION_ORDER: tuple[type[Architecture], ...] = (Lumina2, ZImage, Flux, Chroma, QwenImage, SDXL, SD15)
+# The families above, as users name them (the --strict refusal, the generic warning, --help).
+KNOWN_FAMILIES = "SD1.5, SDXL, Z-Image, Flux.1, Chroma, Qwen-Image or Lumina-Image-2.0"
 
-__all__ = ["Architecture", "FileView", "Group", "LoraStyle", "RawRef", "detect"]
+__all__ = ["KNOWN_FAMILIES", "Architecture", "FileView", "Group", "LoraStyle", "RawRef", "detect"]
 
 
 def detect(infos: dict[str, TensorInfo], strict: bool = False, path=None) -> Architecture:
@@ -29,7 +31,7 @@ def detect(infos: dict[str, TensorInfo], strict: bool = False, path=None) -> Arc
             return found
     if strict:
         raise UserError(
-            f"{path or 'The file'} is not an SD1.5, SDXL, Z-Image, Flux.1, Chroma, Qwen-Image or Lumina-Image-2.0 model; "
+            f"{path or 'The file'} is not an {KNOWN_FAMILIES} model; "
             "drop --strict to process it generically."
         )
     return Generic()

@@ -17,8 +17,21 @@ import tempfile
 from pathlib import Path
 
 # Our architecture names -> the WebUIs' names.
-SDVERSION_NAMES = {"sd15": "SD1", "sdxl": "SDXL"}  # A1111 / Forge: network.SdVersion members
-PRESET_NAMES = {"sd15": "sd", "sdxl": "xl", "zimage": "zit"}  # Forge Neo: network.SD_VERSION
+# A1111 / Forge: network.SdVersion members (lllyasviel's Forge adds Flux; a name the running
+# WebUI lacks falls back to "Unknown" below).
+SDVERSION_NAMES = {"sd15": "SD1", "sdxl": "SDXL", "flux": "Flux", "chroma": "Flux"}
+# Forge Neo: network.SD_VERSION = ["Unknown"] + modules_forge.presets.PresetArch names (sd, xl, flux,
+# klein, qwen, lumina, zit, wan, anima). Its Lora tab hides a card whose "sd version" is neither
+# "Unknown" nor the UI preset; Chroma has no preset of its own and runs under "flux".
+PRESET_NAMES = {
+    "sd15": "sd",
+    "sdxl": "xl",
+    "zimage": "zit",
+    "flux": "flux",
+    "chroma": "flux",
+    "qwen_image": "qwen",
+    "lumina2": "lumina",
+}
 UNKNOWN = "Unknown"
 
 

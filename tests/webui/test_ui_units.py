@@ -46,6 +46,9 @@ def test_sd_version_names_per_webui():
     assert sidecar.sd_version_for("sd15", neo) == "sd"
     assert sidecar.sd_version_for("sdxl", neo) == "xl"
     assert sidecar.sd_version_for("zimage", neo) == "zit"
+    full_neo = types.SimpleNamespace(SD_VERSION=["Unknown", "sd", "xl", "flux", "klein", "qwen", "lumina", "zit", "wan", "anima"])
+    for architecture, preset in {"flux": "flux", "chroma": "flux", "qwen_image": "qwen", "lumina2": "lumina"}.items():
+        assert sidecar.sd_version_for(architecture, full_neo) == preset
     assert sidecar.sd_version_for("sd15", None) == "SD1"
 
 
