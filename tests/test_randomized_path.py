@@ -25,19 +25,23 @@ NEAR_TIE = 1e-4
 SPECTRA = {
     "noisy": dict(decay=1.0, noise=0.3),  # a typical fine-tune
     "steep": dict(decay=1.5, noise=0.1),  # threshold met well below the cap
-    "flat": dict(decay=0.5, noise=0.5),  # slow decay, heavy noise
+    "flat": dict(decay=0.5, noise=0.5),  # slow decay, heavy noise: the rank hits the cap
 }
+# One spectrum per threshold keeps the run short; flat at the cap is the hard case (two
+# fixed power iterations kept 0.987 of the optimum there).
+CASES = [("steep", 0.5), ("noisy", 0.8), ("flat", 0.95)]
 
 
-@pytest.fixture(scope="module", params=sorted(SPECTRA))
-def pair(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("randomized_" + request.param)
-    base = rl.base_weights(seed=0)
-    deltas = {key: rl.noisy_delta(*w.shape, seed=20 + i, **SPECTRA[request.param]) for i, (key, w) in enumerate(base.items())}
+@pytest.fixture(scope="module", params=CASES, ids=[f"{s}-{t}" for s, t in CASES])
+def case(request, tmp_path_factory):
+    spectrum, threshold = request.param
+    folder = tmp_path_factory.mktemp("randomized_" + spectrum)
+    base = rl.base_weights(seed=0)  # square, tall and wide layers
+    deltas = {key: rl.noisy_delta(*w.shape, seed=20 + i, **SPECTRA[spectrum]) for i, (key, w) in enumerate(base.items())}
     variant = rl.apply_delta(base, deltas)
     files = (rl.save(base, folder / "base.safetensors"), rl.save(variant, folder / "variant.safetensors"))
     exact = {key: torch.linalg.svdvals(d.double()) for key, d in rl.realized(base, variant).items()}
-    return folder, files, rl.realized(base, variant), exact, request.param
+    return folder, files, rl.realized(base, variant), exact, threshold
 
 
 def exact_rank(values: torch.Tensor, threshold: float, cap: int) -> tuple[int, torch.Tensor]:
@@ -46,13 +50,8 @@ def exact_rank(values: torch.Tensor, threshold: float, cap: int) -> tuple[int, t
     return min(int(reached[0]) + 1 if len(reached) else len(values), cap), cumulative
 
 
-@pytest.mark.parametrize("threshold", [0.5, 0.8, 0.95])
-def test_rank_and_energy_match_the_exact_svd(pair, threshold, request):
-    folder, (base, variant), deltas, exact, spectrum = pair
-    if spectrum == "flat" and threshold >= 0.8:
-        # Measured: 1024x1024, decay 0.5 + 50% noise, rank at the cap: 0.598 captured vs 0.605
-        # optimal (98.7%): two power iterations are not enough on a flat spectrum. Open.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="randomized SVD short on flat spectra at the cap"))
+def test_rank_and_energy_match_the_exact_svd(case):
+    folder, (base, variant), deltas, exact, threshold = case
     cap = 64
     out = folder / f"lora_{threshold}.safetensors"
     result = extract(
