@@ -11,7 +11,10 @@ How many power iterations: as many as the spectrum needs. A steep spectrum conve
 one or two; a flat one under dense noise (a bf16 fine-tune whose rank hits the cap) still
 gained 1.3% of the optimum after two. So iterations continue until the energy of the
 leading ``keep`` estimates, sum(s[:keep]^2), grows by less than CONVERGED of itself, at
-most MAX_POWER_ITERATIONS (measured: tests/measure_randomized_svd.py).
+most MAX_POWER_ITERATIONS. Measured (tests/measure_randomized_svd.py --full, 15 bf16
+layers 1024-10240 wide x 3 thresholds): worst 0.9991 of the optimum (2 fixed: 0.9870;
+4 fixed: 0.9971), with 2 iterations on steep spectra, 3-4 on noisy, 5-6 on flat; a
+tolerance of 1e-4 gained 0.0006 for 5-8 iterations.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ OVERSAMPLE = 16
 # Power iterations: at least MIN, then until the kept energy moves by < CONVERGED (relative).
 MIN_POWER_ITERATIONS = 2
 MAX_POWER_ITERATIONS = 8
-CONVERGED = 1e-4
+CONVERGED = 1e-3
 # Past this fraction of the smaller side a full SVD is as cheap and exact.
 EXACT_FRACTION = 0.25
 

@@ -33,7 +33,7 @@ POLICIES = {
     "fixed q=4": (16, dict(min_iterations=4, max_iterations=4)),
     "q=2, oversample 48": (48, dict(min_iterations=2, max_iterations=2)),
     "adaptive 1e-3, 1..8": (16, dict(min_iterations=1, max_iterations=8, tolerance=1e-3)),
-    "adaptive 1e-3, 2..8": (16, dict(min_iterations=2, max_iterations=8, tolerance=1e-3)),
+    "adaptive 1e-3, 2..8 (default)": (16, dict(min_iterations=2, max_iterations=8, tolerance=1e-3)),
     "adaptive 3e-4, 2..8": (16, dict(min_iterations=2, max_iterations=8, tolerance=3e-4)),
     "adaptive 1e-4, 2..8": (16, dict(min_iterations=2, max_iterations=8, tolerance=1e-4)),
 }
@@ -94,7 +94,7 @@ def main() -> None:
                 ratio = captured / float(cumulative[rank - 1])
                 results[name].append((ratio, rank != expected, counter["qr"] - 1, elapsed, label, threshold))
     print(f"\n{len(layers)} layers x {len(THRESHOLDS)} thresholds, cap {CAP}")
-    print(f"{'policy':28} {'worst':>8} {'mean':>8} {'rank!=':>6} {'iters':>9} {'time s':>8}  worst case")
+    print(f"{'policy':32} {'worst':>8} {'mean':>8} {'rank!=':>6} {'iters':>9} {'time s':>8}  worst case")
     for name, rows in results.items():
         ratios = [r[0] for r in rows]
         worst = min(rows, key=lambda r: r[0])
@@ -106,7 +106,7 @@ def main() -> None:
         spread = " ".join(f"{k}:{min(v)}-{max(v)}" for k, v in by_spectrum.items())
         seconds = sum(r[3] for r in per_layer)
         print(
-            f"{name:28} {min(ratios):8.4f} {sum(ratios) / len(ratios):8.4f} {sum(r[1] for r in rows):6d} "
+            f"{name:32} {min(ratios):8.4f} {sum(ratios) / len(ratios):8.4f} {sum(r[1] for r in rows):6d} "
             f"{min(iterations)}-{max(iterations):<2} {sum(iterations) / len(iterations):4.1f} {seconds:8.2f}"
             f"  {worst[4]} @ {worst[5]}  [{spread}]"
         )
