@@ -202,7 +202,10 @@ def run_compare(services, lora_name: str, base: str, variant: str, settings_json
             if should_stop is not None and should_stop():
                 return CompareResult(False, INTERRUPTED)
             image = services.generate(generation.checkpoint, generation.prompt, settings, seed)
-            if image is None:  # the WebUI's Interrupt during sampling: no image
+            # Interrupt during sampling: A1111 and Forge Neo stop the sampler but still decode and
+            # return the unfinished image (seen in a real Neo: figures shown for a half-sampled
+            # image), so an image made while a stop was asked for is not measured.
+            if image is None or (should_stop is not None and should_stop()):
                 return CompareResult(False, INTERRUPTED)
             images.append(image)
         measured = similarity(images[0], images[1])

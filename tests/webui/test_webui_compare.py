@@ -136,6 +136,27 @@ def test_interrupt_during_compare(extracted, monkeypatch):
     assert view["visible"] is False
 
 
+def test_interrupt_during_sampling_of_the_second_image(extracted, monkeypatch):
+    """The WebUI's Interrupt while the base + LoRA image samples: A1111 and Neo still return
+    the unfinished image (a real Neo showed SSIM 0.985 for one stopped at step 2 of 12);
+    Compare must say it was interrupted, not measure it."""
+    from modules import processing, shared
+
+    blocks, data, _, _ = extracted
+    calls = []
+
+    def press_interrupt(p, step):
+        calls.append((p.prompt, step))
+        if "<lora:fox:1>" in p.prompt and step == 1:  # the second image, mid-sampling
+            shared.state.interrupt()
+
+    monkeypatch.setattr(processing, "_on_sampling_step", press_interrupt)  # a test hook, not a WebUI name
+    view, status = run_compare(blocks, data)
+    assert any("<lora:fox:1>" in prompt and step == 1 for prompt, step in calls)  # it was pressed there
+    assert compare.INTERRUPTED in status and "ckpt2lora-stopped" in status and "SSIM" not in status
+    assert view["visible"] is False
+
+
 def test_compare_with_a_checkpoint_gone_is_one_sentence(extracted):
     from modules import sd_models
 

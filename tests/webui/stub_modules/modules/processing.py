@@ -4,8 +4,12 @@ What is mirrored from A1111 1.10 / Forge Neo: ``StableDiffusionProcessingTxt2Img
 keyword fields; ``process_images`` drops an ``sd_model_checkpoint`` override that
 ``sd_models.checkpoint_aliases`` does not know (the loaded model is used instead), applies
 the overrides to ``shared.opts`` and restores them afterwards; the sampling loop stops
-without an image when ``state.interrupted or state.stopping_generation``; ``<lora:NAME:w>``
-tags are removed from the prompt and activate the network. The image itself is a
+without an image when ``state.interrupted or state.stopping_generation`` before it starts;
+an Interrupt during sampling stops the sampler, but the unfinished image is still decoded
+and returned (the samplers catch the interrupt and return their last latent: seen in a real
+Forge Neo); ``<lora:NAME:w>`` tags are removed from the prompt and activate the network.
+``_on_sampling_step(p, step)``, if set, is called at each step (the samplers' callback),
+where a test presses Interrupt. The image itself is a
 deterministic function of (checkpoint file, networks and weights, prompt, seed, size),
 so a test can tell which model and which LoRA made which image.
 """
@@ -19,6 +23,8 @@ from PIL import Image
 from modules import sd_models, shared
 
 _RE_LORA = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>")
+
+_on_sampling_step = None  # a test's hook: called as _on_sampling_step(p, step) at each step
 
 
 class StableDiffusionProcessingTxt2Img:
@@ -90,7 +96,15 @@ def process_images(p):
             p.extra_network_data = {"lora": networks}
             prompt = _RE_LORA.sub("", p.prompt).strip()
             p.sd_model_name = info.name_for_extra
-            images.append(_render(info.filename, networks, prompt, p.seed, p.width, p.height))
+            image = _render(info.filename, networks, prompt, p.seed, p.width, p.height)
+            for step in range(p.steps):
+                if _on_sampling_step is not None:
+                    _on_sampling_step(p, step)
+                if state.interrupted:  # the sampler stops; what it has is decoded all the same
+                    done = step / p.steps
+                    image = Image.blend(Image.new("RGB", image.size, (127, 127, 127)), image, done)
+                    break
+            images.append(image)
             state.job_no += 1
         return Processed(p, images, p.seed)
     finally:
