@@ -3,7 +3,7 @@
 // updateInput(), switch_to_txt2img(), selectCheckpoint(); element ids of A1111 1.10,
 // Forge and Forge Neo: #txt2img_prompt textarea, #txt2img_lora_extra_refresh_internal,
 // and for Compare #txt2img_neg_prompt, #txt2img_seed, #txt2img_steps, #txt2img_width,
-// #txt2img_height, #txt2img_cfg_scale, #txt2img_sampling.
+// #txt2img_height, #txt2img_cfg_scale, #txt2img_sampling, #txt2img_scheduler.
 var ckpt2lora = (function () {
     "use strict";
 
@@ -84,6 +84,7 @@ var ckpt2lora = (function () {
             height: fieldValue("#txt2img_height input[type=number]"),
             cfg_scale: fieldValue("#txt2img_cfg_scale input[type=number]"),
             sampler_name: fieldValue("#txt2img_sampling input"),
+            scheduler: fieldValue("#txt2img_scheduler input"),
         };
     }
 

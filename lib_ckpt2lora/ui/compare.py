@@ -36,6 +36,7 @@ class Txt2imgSettings:
     height: int = 512
     cfg_scale: float = 7.0
     sampler_name: str = ""  # "" = the WebUI's default sampler
+    scheduler: str = ""  # "" = the WebUI's default ("Automatic"); A1111 1.9+, Forge, Neo
 
 
 def parse_settings(text: str | None) -> Txt2imgSettings:

@@ -160,6 +160,8 @@ class WebUIServices(Services):
         )
         if settings.sampler_name:
             kwargs["sampler_name"] = settings.sampler_name
+        if settings.scheduler:
+            kwargs["scheduler"] = settings.scheduler
         p = processing.StableDiffusionProcessingTxt2Img(**kwargs)
         try:
             processed = processing.process_images(p)

@@ -60,7 +60,7 @@ ATTRIBUTES = {  # names used on objects, each present in all three WebUIs unless
               "sampling_steps", "textinfo", "time_start", "interrupt", "stop_generating", "begin", "end"},
     # dataclass fields of StableDiffusionProcessing(Txt2Img), and close()
     "StableDiffusionProcessingTxt2Img": {"prompt", "negative_prompt", "seed", "steps", "width", "height", "cfg_scale",
-                                         "sampler_name", "n_iter", "batch_size", "do_not_save_samples",
+                                         "sampler_name", "scheduler", "n_iter", "batch_size", "do_not_save_samples",
                                          "do_not_save_grid", "override_settings",
                                          "override_settings_restore_afterwards", "sd_model_name",
                                          "extra_network_data", "close"},

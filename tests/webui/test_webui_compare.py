@@ -25,7 +25,8 @@ from uihelpers import run_event, write_pair
 from lib_ckpt2lora.ui import compare
 
 SETTINGS = {"prompt": "a red fox <lora:fox:1>", "negative_prompt": "blurry", "seed": "1234", "steps": "3",
-            "width": "96", "height": "64", "cfg_scale": "5", "sampler_name": "Euler a"}  # fmt: skip
+            "width": "96", "height": "64", "cfg_scale": "5", "sampler_name": "Euler a",
+            "scheduler": "Karras"}  # fmt: skip
 
 
 @pytest.fixture
@@ -94,6 +95,22 @@ def test_compare_generates_variant_and_base_plus_lora(extracted):
     assert "Seed 1234" in status and "ckpt2lora-similarity" in status
     assert 0.0 < compare.ssim(*luma) < 0.99 and mad > 1
     assert shared.opts.sd_model_checkpoint is None  # the override was for those two images only
+
+
+def test_compare_generates_with_the_txt2img_settings(extracted, monkeypatch):
+    """Every txt2img field the page sends reaches the WebUI's processing, the Schedule type
+    too (Forge Neo and A1111 1.9+ show it beside the sampler; it was left out before the
+    real-Neo run)."""
+    from modules import processing
+
+    blocks, data, _, _ = extracted
+    real, made = processing.process_images, []
+    monkeypatch.setattr(processing, "process_images", lambda p: made.append(p) or real(p))
+    assert "SSIM" in run_compare(blocks, data)[-1]
+    assert len(made) == 2
+    for p in made:
+        assert (p.negative_prompt, p.seed, p.steps, p.width, p.height) == ("blurry", 1234, 3, 96, 64)
+        assert (p.cfg_scale, p.sampler_name, p.scheduler) == (5.0, "Euler a", "Karras")
 
 
 def test_compare_random_seed_uses_one_seed_for_both(extracted):

@@ -29,7 +29,7 @@ _on_sampling_step = None  # a test's hook: called as _on_sampling_step(p, step) 
 
 class StableDiffusionProcessingTxt2Img:
     def __init__(self, prompt="", negative_prompt="", seed=-1, steps=50, width=512, height=512, cfg_scale=7.0,
-                 sampler_name=None, n_iter=1, batch_size=1, do_not_save_samples=False, do_not_save_grid=False,
+                 sampler_name=None, scheduler=None, n_iter=1, batch_size=1, do_not_save_samples=False, do_not_save_grid=False,
                  override_settings=None, override_settings_restore_afterwards=True):  # fmt: skip
         self.prompt = prompt
         self.negative_prompt = negative_prompt
@@ -39,6 +39,7 @@ class StableDiffusionProcessingTxt2Img:
         self.height = height
         self.cfg_scale = cfg_scale
         self.sampler_name = sampler_name
+        self.scheduler = scheduler
         self.n_iter = n_iter
         self.batch_size = batch_size
         self.do_not_save_samples = do_not_save_samples
