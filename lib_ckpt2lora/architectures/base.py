@@ -156,6 +156,35 @@ class FileView:
         return scaled_fp8.dequantize(stored, self.file.get(scale), ref.key, self.file.path)
 
 
+# -- shared by the DiT families (Flux.1/Chroma, Qwen-Image, Lumina-Image-2.0) ---------------
+# Where their diffusion weights sit: ComfyUI all-in-one files, ComfyUI diffusion-model files,
+# diffusers' transformer, or bare.
+DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "")
+# Top-level parts of an all-in-one file that are not the diffusion model (text encoders, VAE).
+NOT_DIFFUSION = ("text_encoders.", "vae.", "cond_stage_model.", "conditioner.", "first_stage_model.", "model.")
+
+
+def diffusion_key(prefix: str, raw_key: str) -> str | None:
+    """``raw_key`` without the file's ``prefix``, or None when it is not a diffusion-model key."""
+    if not raw_key.startswith(prefix):
+        return None
+    key = raw_key[len(prefix) :]
+    if prefix in ("", "transformer.") and key.startswith(NOT_DIFFUSION):
+        return None
+    return key
+
+
+def count_blocks(infos: dict[str, TensorInfo], head: str) -> int:
+    """How many numbered blocks ``head<N>.`` the file holds."""
+    return len({k[len(head) :].split(".")[0] for k in infos if k.startswith(head)})
+
+
+def skipped_parts(arch: Architecture, infos: dict[str, TensorInfo], what: str) -> str:
+    """The detection line's note on the top-level parts no LoRA module covers."""
+    others = sorted({k.split(".")[0] for k in infos if not arch.canonical(k, infos[k])})
+    return f"; {', '.join(others)} skipped ({what}: not extracted)" if others else ""
+
+
 def strip_weight_suffix(canonical_key: str) -> tuple[str, str]:
     """Split 'a.b.weight' into ('a.b', 'weight'); keys without a suffix keep ''."""
     module, _, param = canonical_key.rpartition(".")

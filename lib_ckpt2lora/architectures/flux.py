@@ -45,11 +45,19 @@ from __future__ import annotations
 
 import re
 
-from .base import Architecture, Group, LoraStyle, RawRef, strip_weight_suffix
+from .base import (
+    DIT_PREFIXES,
+    Architecture,
+    Group,
+    LoraStyle,
+    RawRef,
+    count_blocks,
+    diffusion_key,
+    skipped_parts,
+    strip_weight_suffix,
+)
 
-PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "")
 # Parts of all-in-one files that are not the diffusion model (skipped when bare).
-NOT_DIFFUSION = ("text_encoders.", "vae.", "cond_stage_model.", "conditioner.", "first_stage_model.", "model.")
 
 # BFL module (inside a block) -> diffusers module; a tuple = a fused weight's parts, in row order.
 DOUBLE_BLOCK = {
@@ -140,7 +148,7 @@ class Flux(Architecture):
     # -- detection ---------------------------------------------------------------------
     @classmethod
     def detect(cls, infos):
-        for prefix in PREFIXES:
+        for prefix in DIT_PREFIXES:
             for layout, markers, embed in (
                 ("BFL layout", cls.markers_bfl, "img_in.weight"),
                 ("diffusers layout", cls.markers_diffusers, "x_embedder.weight"),
@@ -157,18 +165,15 @@ class Flux(Architecture):
     def describe(self, infos):
         block = "double_blocks." if self.layout == "BFL layout" else "transformer_blocks."
         single = "single_blocks." if self.layout == "BFL layout" else "single_transformer_blocks."
-        doubles = _count_blocks(infos, self.prefix + block)
-        singles = _count_blocks(infos, self.prefix + single)
-        others = sorted({k.split(".")[0] for k in infos if not self.canonical(k, infos[k])})
-        skipped = f"; {', '.join(others)} skipped (text encoders/VAE: not extracted)" if others else ""
+        doubles = count_blocks(infos, self.prefix + block)
+        singles = count_blocks(infos, self.prefix + single)
+        skipped = skipped_parts(self, infos, "text encoders/VAE")
         return f"{self.title}, {self.layout}, {doubles} double + {singles} single blocks{skipped}"
 
     # -- keys ----------------------------------------------------------------------------
     def canonical(self, raw_key, info):
-        if not raw_key.startswith(self.prefix):
-            return []
-        key = raw_key[len(self.prefix) :]
-        if self.prefix in ("", "transformer.") and key.startswith(NOT_DIFFUSION):
+        key = diffusion_key(self.prefix, raw_key)
+        if key is None:
             return []
         if self.layout == "diffusers layout":
             if key.startswith("norm_out.linear."):  # diffusers rows: scale | shift
@@ -296,10 +301,6 @@ def _split(raw_key, info, parts, param, rows=None):
         out.append((f"{part}.{param}", RawRef(raw_key, (start, start + height)), (height, *info.shape[1:])))
         start += height
     return out
-
-
-def _count_blocks(infos, head: str) -> int:
-    return len({k[len(head) :].split(".")[0] for k in infos if k.startswith(head)})
 
 
 def _type(key: str) -> str:

@@ -35,10 +35,18 @@ from __future__ import annotations
 
 import re
 
-from .base import Architecture, Group, LoraStyle, RawRef, strip_weight_suffix
+from .base import (
+    DIT_PREFIXES,
+    Architecture,
+    Group,
+    LoraStyle,
+    RawRef,
+    count_blocks,
+    diffusion_key,
+    skipped_parts,
+    strip_weight_suffix,
+)
 
-PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "")
-NOT_DIFFUSION = ("text_encoders.", "vae.", "cond_stage_model.", "first_stage_model.", "model.")
 BLOCK_KINDS = ("noise_refiner", "context_refiner", "layers")
 # original module inside a block -> diffusers module (norm1 differs in context_refiner)
 BLOCK = {
@@ -98,7 +106,7 @@ class Lumina2(Architecture):
 
     @classmethod
     def detect(cls, infos):
-        for prefix in PREFIXES:
+        for prefix in DIT_PREFIXES:
             qkv = infos.get(prefix + "layers.0.attention.qkv.weight")
             if prefix + "cap_embedder.1.weight" in infos and qkv is not None:
                 # Z-Image shares these names but has as many kv heads as heads (qkv = 3 x hidden)
@@ -109,18 +117,14 @@ class Lumina2(Architecture):
         return None
 
     def describe(self, infos):
-        head = self.prefix + "layers."
-        blocks = len({k[len(head) :].split(".")[0] for k in infos if k.startswith(head)})
-        others = sorted({k.split(".")[0] for k in infos if not self.canonical(k, infos[k])})
-        skipped = f"; {', '.join(others)} skipped (text encoder/VAE: not extracted)" if others else ""
+        blocks = count_blocks(infos, self.prefix + "layers.")
+        skipped = skipped_parts(self, infos, "text encoder/VAE")
         return f"{self.title}, {self.layout}, {blocks} blocks{skipped}"
 
     # -- keys ----------------------------------------------------------------------------
     def canonical(self, raw_key, info):
-        if not raw_key.startswith(self.prefix):
-            return []
-        key = raw_key[len(self.prefix) :]
-        if self.prefix in ("", "transformer.") and key.startswith(NOT_DIFFUSION):
+        key = diffusion_key(self.prefix, raw_key)
+        if key is None:
             return []
         if self.layout == "diffusers layout":
             return [(key, RawRef(raw_key), info.shape)]

@@ -24,10 +24,18 @@ Formats, and their evidence (issue 13):
 
 from __future__ import annotations
 
-from .base import Architecture, Group, LoraStyle, RawRef, strip_weight_suffix
+from .base import (
+    DIT_PREFIXES,
+    Architecture,
+    Group,
+    LoraStyle,
+    RawRef,
+    count_blocks,
+    diffusion_key,
+    skipped_parts,
+    strip_weight_suffix,
+)
 
-PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "")
-NOT_DIFFUSION = ("text_encoders.", "vae.", "cond_stage_model.", "first_stage_model.", "model.")
 MARKERS = ("transformer_blocks.0.img_mod.1.weight", "transformer_blocks.0.attn.add_q_proj.weight", "txt_norm.weight")
 BLOCKS_PER_LEVEL = 10
 
@@ -53,23 +61,19 @@ class QwenImage(Architecture):
 
     @classmethod
     def detect(cls, infos):
-        for prefix in PREFIXES:
+        for prefix in DIT_PREFIXES:
             if all(prefix + marker in infos for marker in MARKERS):
                 return cls(prefix)
         return None
 
     def describe(self, infos):
-        head = self.prefix + "transformer_blocks."
-        blocks = len({k[len(head) :].split(".")[0] for k in infos if k.startswith(head)})
-        others = sorted({k.split(".")[0] for k in infos if not self.canonical(k, infos[k])})
-        skipped = f"; {', '.join(others)} skipped (text encoder Qwen2.5-VL/VAE: not extracted)" if others else ""
+        blocks = count_blocks(infos, self.prefix + "transformer_blocks.")
+        skipped = skipped_parts(self, infos, "text encoder Qwen2.5-VL/VAE")
         return f"{self.title}, {blocks} blocks{skipped}"
 
     def canonical(self, raw_key, info):
-        if not raw_key.startswith(self.prefix):
-            return []
-        key = raw_key[len(self.prefix) :]
-        if self.prefix in ("", "transformer.") and key.startswith(NOT_DIFFUSION):
+        key = diffusion_key(self.prefix, raw_key)
+        if key is None:
             return []
         return [(key, RawRef(raw_key), info.shape)]
 
