@@ -36,7 +36,6 @@ def factorize_blocks(
         return factorize(matrix, fixed_rank, threshold, cap, exact, generator, total_energy=total_energy)
     blocks = matrix.split(rows, dim=0)
     energies = [squared_norm(block) for block in blocks]
-    up = matrix.new_zeros(matrix.shape[0], 0)
     ups, downs, kept = [], [], []
     row = 0
     captured = 0.0

@@ -106,14 +106,10 @@ def write_checkpoint(plan, opts, runner, progress, should_stop):
 
 
 def write_detail_lora(plan, opts, detail: dict[str, torch.Tensor], group=None):
-    from .extract import complete_attention_groups, detail_output
-    from .metadata import lora_metadata
+    from .extract import complete_attention_groups, detail_output, lora_file_metadata
     from .writing import write_tensors
 
     path = detail_output(opts)
     detail = complete_attention_groups(plan, opts, detail, "detail LoRA")
-    down = plan.arch.formats[plan.fmt].down
-    ranks = {name[: -len(down)]: int(t.shape[0]) for name, t in detail.items() if name.endswith(down)}
-    metadata = lora_metadata(plan.arch, opts, ranks, path.stem, plan.fmt, kind="detail")
-    write_tensors(path, detail, metadata, opts.overwrite, group=group)
+    write_tensors(path, detail, lora_file_metadata(plan, opts, detail, path, "detail"), opts.overwrite, group=group)
     return path

@@ -42,7 +42,7 @@ import math
 
 import torch
 
-from .devices import to_float64  # MPS has no float64
+from .devices import on_supporting_device, to_float64  # MPS has no float64, QR or SVD
 from .svd import squared_norm, top_singular_triplets
 
 # M's leading triplets computed per layer: twice the output's rank cap.
@@ -81,9 +81,9 @@ def common_part(
     cols_in = agreement @ v_spikes  # [rows, k]
     outside = agreement - u_spikes @ rows_in - cols_in @ v_spikes.T + u_spikes @ (rows_in @ v_spikes) @ v_spikes.T
     touching = agreement - outside
-    left = torch.linalg.qr(torch.cat([u_spikes, cols_in], dim=1))[0]
-    right = torch.linalg.qr(torch.cat([v_spikes, rows_in.T], dim=1))[0]
-    core_u, core_s, core_vh = torch.linalg.svd(left.T @ touching @ right, full_matrices=False)
+    left = on_supporting_device(torch.linalg.qr, torch.cat([u_spikes, cols_in], dim=1))[0]
+    right = on_supporting_device(torch.linalg.qr, torch.cat([v_spikes, rows_in.T], dim=1))[0]
+    core_u, core_s, core_vh = on_supporting_device(torch.linalg.svd, left.T @ touching @ right, full_matrices=False)
     common = _shrink(left @ core_u, core_s, core_vh @ right.T, disagreement, floor)
     common += _shared_directions(outside, disagreement, floor, wanted, exact, generator)
     return common.reshape(shape)

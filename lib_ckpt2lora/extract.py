@@ -479,19 +479,22 @@ def complete_attention_groups(plan: Plan, opts: ExtractOptions, tensors: dict, w
 # -- writing ---------------------------------------------------------------------------
 def write_lora_outputs(plan: Plan, opts: ExtractOptions, main, detail) -> list[Path]:
     pending = []
-    down = plan.arch.formats[plan.fmt].down
     for tensors, path, kind in ((main, opts.out, "main"), (detail if opts.detail else {}, detail_output(opts), "detail")):
-        if not tensors:
-            continue
-        ranks = {name[: -len(down)]: int(t.shape[0]) for name, t in tensors.items() if name.endswith(down)}
-        metadata = lora_metadata(plan.arch, opts, ranks, path.stem, plan.fmt, kind=kind)
-        pending.append((path, tensors, metadata))
+        if tensors:
+            pending.append((path, tensors, lora_file_metadata(plan, opts, tensors, path, kind)))
     # All or nothing: both files are written under temporary names, then renamed together;
     # a failure at any point leaves the user's old files (with --overwrite) untouched.
     with output_group(opts.overwrite) as group:
         for path, tensors, metadata in pending:
             write_tensors(path, tensors, metadata, opts.overwrite, group=group)
     return [path for path, _, _ in pending]
+
+
+def lora_file_metadata(plan: Plan, opts: ExtractOptions, tensors: dict, path: Path, kind: str) -> dict[str, str]:
+    """A LoRA file's metadata, with every module's rank read off its down factor."""
+    down = plan.arch.formats[plan.fmt].down
+    ranks = {name[: -len(down)]: int(t.shape[0]) for name, t in tensors.items() if name.endswith(down)}
+    return lora_metadata(plan.arch, opts, ranks, path.stem, plan.fmt, kind=kind)
 
 
 def _approximate_norm(tensor: torch.Tensor, stride: int = 16) -> float:

@@ -81,9 +81,7 @@ class TensorFile:
         else:
             self.infos = self._open_safetensors()
         # ComfyUI scaled fp8: the scale tensors leave infos (not layers) and are read with their weight
-        every = dict(self.infos)
-        self.fp8_scales = scaled_fp8.take_scales(self.infos)
-        self.scale_infos = {key: every[key] for key in every.keys() - self.infos.keys()}
+        self.fp8_scales, self.scale_infos = scaled_fp8.take_scales(self.infos)
 
     # -- opening ---------------------------------------------------------------------
     def _open_safetensors(self) -> dict[str, TensorInfo]:

@@ -29,16 +29,17 @@ def is_scaled_fp8(infos: dict[str, TensorInfo]) -> bool:
     return any(key == MARKER or key.endswith("." + MARKER) for key in infos)
 
 
-def take_scales(infos: dict[str, TensorInfo]) -> dict[str, str]:
+def take_scales(infos: dict[str, TensorInfo]) -> tuple[dict[str, str], dict[str, TensorInfo]]:
     """Remove the marker and the scale tensors from ``infos`` (they are not layers, and
     no architecture should see them); return each scaled weight's raw key -> its
-    ``scale_weight`` key ({} and ``infos`` untouched for other files).
+    ``scale_weight`` key, and the infos removed (both {} and ``infos`` untouched for
+    other files).
 
     Scales apply where the file has the marker (ComfyUI then scales every such Linear),
     or where the weight itself is fp8 (a file that lost its marker still stores scaled
     values)."""
     marked = is_scaled_fp8(infos)
-    scales = {}
+    scales, removed = {}, {}
     for key in [k for k in infos if k.endswith(SCALE_SUFFIXES)]:
         weight = key.rsplit(".", 1)[0] + ".weight"
         info = infos.get(weight)
@@ -46,11 +47,11 @@ def take_scales(infos: dict[str, TensorInfo]) -> dict[str, str]:
             continue
         if key.endswith(".scale_weight"):
             scales[weight] = key
-        del infos[key]
+        removed[key] = infos.pop(key)
     if marked:
         for key in [k for k in infos if k == MARKER or k.endswith("." + MARKER)]:
-            del infos[key]
-    return scales
+            removed[key] = infos.pop(key)
+    return scales, removed
 
 
 def dequantize(stored: torch.Tensor, scale: torch.Tensor, key: str, path) -> torch.Tensor:

@@ -122,7 +122,7 @@ def atomic_file(path: Path, overwrite: bool, group: OutputGroup | None = None) -
     kept = False
     try:
         handle = os.fdopen(fd, "wb")
-        _set_usual_permissions(temp)
+        set_usual_permissions(temp)
         yield temp, handle
         handle.flush()
         os.fsync(handle.fileno())
@@ -174,8 +174,9 @@ def _move_aside(path: Path) -> Path:
     return backup
 
 
-def _set_usual_permissions(path: Path) -> None:
-    """The permissions a plain ``open()`` would give (mkstemp makes the file private).
+def set_usual_permissions(path: Path, mode: int | None = None) -> None:
+    """``mode``, or else the permissions a plain ``open()`` would give (mkstemp makes the
+    file private).
 
     POSIX only: on Windows a mode sets only the read-only flag, and the file already has
     its folder's ACLs. ``os.chmod`` by path, since ``os.fchmod`` is missing on Windows
@@ -183,7 +184,7 @@ def _set_usual_permissions(path: Path) -> None:
     if os.name == "nt":
         return
     with contextlib.suppress(OSError, NotImplementedError):
-        os.chmod(path, 0o666 & ~_umask())
+        os.chmod(path, 0o666 & ~_umask() if mode is None else mode)
 
 
 def _umask() -> int:

@@ -16,6 +16,8 @@ import stat
 import tempfile
 from pathlib import Path
 
+from ..writing import set_usual_permissions
+
 # Our architecture names -> the WebUIs' names.
 # A1111 / Forge: network.SdVersion members (lllyasviel's Forge adds Flux; a name the running
 # WebUI lacks falls back to "Unknown" below).
@@ -98,18 +100,9 @@ def write_sidecar(
 
 def _same_permissions_as(lora_path: Path, temp: Path) -> None:
     """mkstemp makes the file private (0600): give the sidecar the LoRA's mode, so whoever
-    can read the LoRA can read its card's metadata. ``os.chmod`` by path (``os.fchmod`` is
-    missing on Windows before 3.13); skipped on Windows, where a mode only sets the
-    read-only flag and the file already has its folder's ACLs."""
-    if os.name == "nt":
-        return
+    can read the LoRA can read its card's metadata (POSIX only, as for the LoRA itself)."""
     try:
         mode = stat.S_IMODE(os.stat(lora_path).st_mode)
     except OSError:  # no LoRA beside it (a test, or it was moved): what open() would give
-        mask = os.umask(0o022)
-        os.umask(mask)
-        mode = 0o666 & ~mask
-    try:
-        os.chmod(temp, mode)
-    except (OSError, NotImplementedError):
-        pass
+        mode = None
+    set_usual_permissions(temp, mode)
