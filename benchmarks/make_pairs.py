@@ -262,6 +262,17 @@ class DeltaSettings:
     rank: int = 256            # rank of the structured part (capped by the matrix size)
     decay_min: float = 0.5     # spectrum s_i = (i+1)^-p, p uniform in [decay_min, decay_max]
     decay_max: float = 1.5
+    # Per-matrix ||delta||/||W|| = rel * spread**u, u uniform in [-1, 1] (1 = every layer alike).
+    # Real fine-tunes change some layers far more than others; a global rank budget is
+    # measured on pairs with a spread (benchmarks/bench_budget.py).
+    rel_spread: float = 1.0
+
+    def matrix_rel(self, seed: int, key: str, device: torch.device) -> float:
+        if self.rel_spread == 1.0:
+            return self.rel
+        # Its own generator, so every other value of the pair is as without a spread.
+        u = 2 * torch.rand((), generator=_generator(seed + 7919, key, device), device=device).item() - 1
+        return self.rel * self.rel_spread**u
 
 
 def _generator(seed: int, key: str, device: torch.device) -> torch.Generator:
@@ -296,7 +307,7 @@ def make_tensor_pair(key: str, shape: tuple[int, ...], seed: int, settings: Delt
             noise = torch.randn((m, n), generator=g, device=device)
             delta.add_(noise, alpha=settings.noise / noise.norm().item())
             del noise
-        delta.mul_(settings.rel * base.norm() / delta.norm())
+        delta.mul_(settings.matrix_rel(seed, key, device) * base.norm() / delta.norm())
         variant = base.add(delta)
         return base.reshape(shape), variant.reshape(shape)
     last = key.rsplit(".", 1)[-1]
@@ -468,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--delta-rank", type=int, default=DeltaSettings.rank)
     ap.add_argument("--decay-min", type=float, default=DeltaSettings.decay_min)
     ap.add_argument("--decay-max", type=float, default=DeltaSettings.decay_max)
+    ap.add_argument("--rel-spread", type=float, default=DeltaSettings.rel_spread,
+                    help="per-matrix ||delta||/||W|| = rel * spread**u, u uniform in [-1, 1] (default 1: all alike)")
     ap.add_argument("--no-text-encoder", action="store_true", help="sd15: UNet only")
     ap.add_argument("--device", default="cpu", help="where values are generated (cpu, cuda)")
     ap.add_argument("--overwrite", action="store_true", help="regenerate even if the pair exists")
@@ -480,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("choose an architecture: zimage or sd15")
     if args.blocks < 0 or args.blocks > ZIMAGE_MAIN_BLOCKS:
         ap.error(f"--blocks must be 0..{ZIMAGE_MAIN_BLOCKS}")
-    settings = DeltaSettings(args.rel, args.noise, args.delta_rank, args.decay_min, args.decay_max)
+    settings = DeltaSettings(args.rel, args.noise, args.delta_rank, args.decay_min, args.decay_max, args.rel_spread)
     base, variant = generate_pair(args.arch, args.out_dir, args.blocks, args.seed, settings, args.device,
                                   text_encoder=not args.no_text_encoder, overwrite=args.overwrite)
     print(base)
