@@ -12,7 +12,7 @@ from pathlib import Path
 from .architectures import KNOWN_FAMILIES
 from .constants import VERSION
 from .errors import Cancelled, UserError
-from .options import FORMATS, SAVE_DTYPES, SVD_MODES, ExtractOptions
+from .options import BUDGET_OBJECTIVES, FORMATS, SAVE_DTYPES, SVD_MODES, ExtractOptions
 
 DESCRIPTION = (
     "Extract the weight delta between a base model and one or two variant checkpoints (or LoRA "
@@ -100,6 +100,28 @@ def build_parser() -> argparse.ArgumentParser:
     extra.add_argument("--device", default="auto", help="auto (CUDA, else Apple MPS, else the CPU), cpu, mps, cuda or cuda:N")
     extra.add_argument(
         "--svd", default="randomized", choices=SVD_MODES, help="randomized (fast, same ranks) or exact (full SVD, for reference)"
+    )
+    budget = p.add_argument_group("global rank budget (instead of the per-layer --rank-thresh rule)")
+    budget.add_argument(
+        "--target-size",
+        default="",
+        help="Choose every layer's rank together for the most faithful LoRA of this file size, e.g. 100MB, "
+        "1.5GB, 300MiB (MB = 10^6 bytes); --rank-max still caps each layer, every changed layer keeps rank 1 or more",
+    )
+    budget.add_argument(
+        "--target-energy",
+        type=float,
+        default=0.0,
+        help="Choose every layer's rank together for the smallest LoRA that keeps this model-wide fraction "
+        "of the objective (e.g. 0.9)",
+    )
+    budget.add_argument(
+        "--budget-objective",
+        default="relative",
+        choices=BUDGET_OBJECTIVES,
+        help="What a budget maximises per byte: relative (each triplet's energy relative to its layer's weight "
+        "norm: the change the layer's output sees; default), energy (raw energy), fraction (each layer's "
+        "own captured fraction)",
     )
     extra.add_argument(
         "--list-layers",

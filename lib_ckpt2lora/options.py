@@ -15,6 +15,8 @@ SAVE_DTYPES = ("auto", "fp16", "bf16", "fp32")
 # "neo": whatever every Forge Neo era applies fully (comfy for Z-Image, else the default).
 FORMATS = ("auto", "neo", "kohya", "diffusers", "diffusion_model", "comfy")
 SVD_MODES = ("randomized", "exact")
+# What a global rank budget (--target-size / --target-energy) maximises per byte; see budget.py.
+BUDGET_OBJECTIVES = ("relative", "energy", "fraction")
 
 
 @dataclass
@@ -50,6 +52,11 @@ class ExtractOptions:
     # Where --detail writes; None: <out>_detail.safetensors beside the output. The tab
     # sends a checkpoint's detail LoRA to the Lora folder, where the WebUI lists LoRAs.
     detail_out: Path | None = None
+    # A global rank budget instead of the per-layer rule: the file size ("100MB", "1.5GB",
+    # bytes) or the model-wide captured fraction; "" / 0 = the per-layer rule.
+    target_size: str = ""
+    target_energy: float = 0.0
+    budget_objective: str = "relative"
 
     def __post_init__(self) -> None:
         for name in ("base", "variant", "out", "variant2", "report_json", "detail_out"):
@@ -92,9 +99,43 @@ class ExtractOptions:
             raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {self.format!r}.")
         if self.svd not in SVD_MODES:
             raise UserError(f"--svd must be one of {', '.join(SVD_MODES)}, not {self.svd!r}.")
+        self.validate_budget()
         for path in (self.out, self.detail_out):
             if path is not None and path.suffix.lower() != ".safetensors":
                 raise UserError(f"The output {path.name} must end in .safetensors.")
+
+    @property
+    def has_budget(self) -> bool:
+        return bool(str(self.target_size or "").strip()) or self.target_energy > 0
+
+    def validate_budget(self) -> None:
+        if self.budget_objective not in BUDGET_OBJECTIVES:
+            raise UserError(
+                f"--budget-objective must be one of {', '.join(BUDGET_OBJECTIVES)}, not {self.budget_objective!r}."
+            )
+        if not 0.0 <= self.target_energy <= 1.0:
+            raise UserError(f"--target-energy must be a fraction in (0, 1], e.g. 0.9, not {self.target_energy}.")
+        if not self.has_budget:
+            return
+        from .budget import parse_size
+
+        if str(self.target_size or "").strip():
+            parse_size(self.target_size)  # one sentence when it is not a size
+            if self.target_energy > 0:
+                raise UserError("Choose one of --target-size and --target-energy, not both.")
+        wanted = "--target-size" if str(self.target_size or "").strip() else "--target-energy"
+        if self.rank > 0:
+            raise UserError(
+                f"{wanted} chooses every layer's rank itself, so it cannot go with a fixed --rank {self.rank}; "
+                "drop one of the two (--rank-max still caps each layer)."
+            )
+        if self.checkpoint or self.checkpoint_full:
+            raise UserError(f"{wanted} sizes a LoRA file; a checkpoint is as large as its base, so drop one of the two.")
+        if self.detail:
+            raise UserError(
+                f"--detail needs each layer's delta again after the ranks are chosen, which {wanted} does not keep; "
+                "drop one of the two."
+            )
 
     def as_metadata(self) -> dict[str, str]:
         """The options worth recording in the output's header: file names, never paths."""
