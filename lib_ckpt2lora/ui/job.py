@@ -7,6 +7,7 @@ No gradio here. The tab turns a ``JobResult`` into component updates; the tests 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import sys
 import time
@@ -45,6 +46,9 @@ FLAG_LABELS = {
     "--rank": "Rank",
     "--rank-thresh": "Energy to keep",
     "--rank-max": "Max rank",
+    "--target-size": "Target size (MB)",
+    "--target-energy": "a target energy (command line only)",
+    "--budget-objective": "the budget objective (command line only)",
     "--min-dim": "Skip layers smaller than (min dim)",
     "--include": "Include only",
     "--exclude": "Exclude",
@@ -97,6 +101,7 @@ class Form:
     rank: int = _DEFAULTS["rank"]
     rank_thresh: float = _DEFAULTS["rank_thresh"]
     rank_max: int = _DEFAULTS["rank_max"]
+    target_size: float | None = 0.0  # MB (10^6 bytes); empty / 0 = the per-layer rule
     min_dim: int = _DEFAULTS["min_dim"]
     include: str = _DEFAULTS["include"]
     exclude: str = _DEFAULTS["exclude"]
@@ -260,6 +265,7 @@ def options_for(form: Form, base, variant, variant2, out, detail_out) -> Extract
         rank=int(form.rank),
         rank_thresh=float(form.rank_thresh),
         rank_max=int(form.rank_max),
+        target_size=target_size_option(form.target_size),
         min_dim=int(form.min_dim),
         include=form.include or "",
         exclude=form.exclude or "",
@@ -276,6 +282,22 @@ def options_for(form: Form, base, variant, variant2, out, detail_out) -> Extract
         svd=form.svd or "randomized",
         overwrite=bool(form.overwrite),
     )
+
+
+def target_size_option(megabytes) -> str:
+    """The "Target size (MB)" field as ``ExtractOptions.target_size``: "" (the per-layer rule)
+    when empty or 0, else "<n>MB" written out in plain digits (never "1e-05MB")."""
+    if megabytes is None or (isinstance(megabytes, str) and not megabytes.strip()):
+        return ""
+    try:
+        value = float(megabytes)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise UserError(f"'Target size (MB)' must be 0 (the per-layer rule) or a size in MB, not {megabytes}.")
+    if value == 0:
+        return ""
+    return f"{value:.6f}".rstrip("0").rstrip(".") + "MB"
 
 
 def resolve_model(services, choice: str, role: str) -> Path:
@@ -369,16 +391,71 @@ def describe(plan: JobPlan, report: dict, detail: bool = False) -> str:
             source += f" (alpha {opts.alpha:g})"
     else:
         source = plan.variant_labels[0]
-    rank = f"rank {opts.rank}" if opts.rank else f"automatic rank ({opts.rank_thresh:.0%} energy, at most {opts.rank_max})"
     total = report.get("total", {})
+    budget = report.get("budget")
+    if budget:
+        wanted = _mb(budget["target_bytes"]) if budget.get("target_bytes") else f"{budget['target_energy']:.0%} energy"
+        rank = f"ranks chosen across all layers for {wanted} (at most {opts.rank_max} per layer)"
+        captured = f"{100 * float(budget['captured_energy']):.1f}% of the difference captured over the whole model"
+    else:
+        rank = f"rank {opts.rank}" if opts.rank else f"automatic rank ({opts.rank_thresh:.0%} energy, at most {opts.rank_max})"
+        captured = f"{100 * float(total.get('energy', 0.0)):.1f}% of the difference captured"
     what = "Detail residual (what the main LoRA missed) of" if detail else "Extracted from"
-    text = (
-        f"{what} {source} minus the base {plan.base_label} by ckpt2lora: {rank}, "
-        f"{total.get('n', 0)} layers, {100 * float(total.get('energy', 0.0)):.1f}% of the difference captured."
-    )
+    text = f"{what} {source} minus the base {plan.base_label} by ckpt2lora: {rank}, {total.get('n', 0)} layers, {captured}."
     if detail and opts.detail_scale != 1.0:
         text += f" Pre-scaled by {opts.detail_scale:g}."
     return text
+
+
+def _mb(size: float) -> str:
+    """Bytes in the unit of the "Target size (MB)" field: MB = 1,000,000 bytes."""
+    return f"{size / 1e6:.2f} MB" if size < 1e7 else f"{size / 1e6:.1f} MB"
+
+
+@dataclass
+class BudgetText:
+    """What a run with a target size chose, in the tab's words: ``summary`` (the size against
+    the target; the energy kept and how many layers sit at 'Max rank' or at rank 1) and one
+    line per group of layers (its mean rank and its share of the file's bytes)."""
+
+    summary: list[str]
+    groups: list[str]
+
+
+def budget_text(report: dict | None) -> BudgetText | None:
+    """``report["budget"]`` (``Report.to_dict()``) in the tab's words; None for a per-layer run.
+
+    The engine's ``Report.budget_lines()`` says the same for the console; the tab only gets
+    the dict, and names its own fields ('Target size (MB)', 'Max rank') instead of flags."""
+    budget = (report or {}).get("budget")
+    if not budget:
+        return None
+    written = int(budget["bytes"])
+    target = budget.get("target_bytes")
+    if target:
+        size = (
+            f"Target size {_mb(target)}: the LoRA takes {_mb(written)} "
+            f"({written:,} bytes, {100 * written / target:.1f}% of the target)."
+        )
+    else:
+        size = f"Target energy {100 * float(budget['target_energy']):.1f}%: the LoRA takes {_mb(written)} ({written:,} bytes)."
+    layers = int(budget["layers"])
+    kept = (
+        f"It keeps {100 * float(budget['captured_energy']):.1f}% of the difference's energy over the whole model "
+        f"({100 * float(budget['captured_objective']):.1f}% of the '{budget['objective']}' objective the ranks were chosen for); "
+        f"{layers} layer{'s' if layers != 1 else ''}: {budget['at_cap']} at 'Max rank', {budget['at_floor']} at rank 1."
+    )
+    groups = budget.get("groups") or []
+    spent = sum(int(group["bytes"]) for group in groups) or 1
+    lines = []
+    for group in groups:
+        name = ("[Aux] " if group.get("auxiliary") else "") + f"{group['level']} {group['type']}"
+        n = int(group["n"])
+        lines.append(
+            f"{name}: {n} layer{'s' if n != 1 else ''}, rank {float(group['rank']):.1f} on average, "
+            f"{_mb(int(group['bytes']))} ({100 * int(group['bytes']) / spent:.1f}% of the bytes)"
+        )
+    return BudgetText([size, kept], lines)
 
 
 @dataclass

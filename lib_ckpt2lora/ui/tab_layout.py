@@ -117,7 +117,7 @@ def _rank_inputs(c: dict, defaults: job.Form) -> None:
     with gr.Row():
         c["rank"] = gr.Slider(
             label="Rank",
-            info="0 = automatic, per layer",
+            info="0 = automatic, per layer; must be 0 with a Target size",
             minimum=0,
             maximum=512,
             step=1,
@@ -141,6 +141,16 @@ def _rank_inputs(c: dict, defaults: job.Form) -> None:
             step=1,
             value=defaults.rank_max,
             elem_id=_id("rank_max"),
+        )
+        # Empty or 0: the per-layer rule above. A size: the ranks of all layers chosen together
+        # for that file size (MB = 1,000,000 bytes), each layer still at most Max rank.
+        # No minimum=: gradio would refuse a negative size with its own popup, before the job;
+        # job.target_size_option refuses it in the status, like every other mistake.
+        c["target_size"] = gr.Number(
+            label="Target size (MB)",
+            info="0 = per layer (Energy to keep); a size chooses all layers' ranks together, up to Max rank",
+            value=defaults.target_size,
+            elem_id=_id("target_size"),
         )
 
 

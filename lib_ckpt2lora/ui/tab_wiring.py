@@ -36,9 +36,20 @@ def status_html(result: job.JobResult) -> str:
             f"<div class='ckpt2lora-hint'>Use it as <code>&lt;lora:{html.escape(result.name)}:1&gt;</code>"
             " with the base model.</div>"
         )
+    parts.extend(budget_html(result.report))
     for warning in result.warnings:
         parts.append(f"<div class='ckpt2lora-warning'>{html.escape(warning)}</div>")
     return "<div class='ckpt2lora-result'>" + "".join(parts) + "</div>"
+
+
+def budget_html(report: dict | None) -> list[str]:
+    """A run with a target size: what the budget chose (job.budget_text); nothing otherwise."""
+    text = job.budget_text(report)
+    if text is None:
+        return []
+    summary = "".join(f"<div>{html.escape(line)}</div>" for line in text.summary)
+    groups = "".join(f"<li>{html.escape(line)}</li>" for line in text.groups)
+    return [f"<div class='ckpt2lora-budget'>{summary}<ul class='ckpt2lora-budget-groups'>{groups}</ul></div>"]
 
 
 def wire_tab(services, layout: SimpleNamespace) -> SimpleNamespace:
