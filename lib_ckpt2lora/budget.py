@@ -16,6 +16,9 @@ The objective (``weight_l``), measured in benchmarks/bench_budget.py:
 * ``energy``: s^2, the raw Frobenius energy. Favours layers whose weights are large.
 * ``fraction``: s^2 / ||delta_l||^2, each layer's own captured fraction (the quantity the
   per-layer 95% rule looks at), so every layer counts the same whatever it changed.
+* ``balanced``: s^2 / ||delta_l||, the geometric mean of ``energy`` and ``fraction``: the
+  model-wide energy favours layers that changed much, the mean layer-output error
+  counts every layer alike; this weighs a layer by the square root of its change.
 
 Every layer with a real delta keeps at least ``RANK_FLOOR`` triplets, so none drops out
 silently; a budget too small even for that is refused with the smallest possible size.
@@ -40,14 +43,18 @@ def parse_size(text: str | int | float) -> int:
     unit = match.group(2).upper() if match else ""
     if not match or unit not in _UNITS:
         raise UserError(f"--target-size must be a size such as 100MB, 1.5GB or 300MiB, not {text!r}.")
-    size = int(float(match.group(1)) * _UNITS[unit])
+    size = round(float(match.group(1)) * _UNITS[unit])  # 8.2 * 10**6 is 8199999.99... in binary
     if size <= 0:
         raise UserError(f"--target-size must be more than 0 bytes, not {text!r}.")
     return size
 
 
-def format_size(size: int) -> str:
-    return f"{size / 10**6:.1f} MB" if size >= 10**5 else f"{size / 10**3:.1f} KB"
+def format_size(size: int, round_up: bool = False) -> str:
+    """``size`` in MB (KB under 0.1 MB), one decimal; ``round_up`` for a minimum that the
+    named size must still satisfy."""
+    unit, name = (10**6, "MB") if size >= 10**5 else (10**3, "KB")
+    tenths = math.ceil(10 * size / unit) if round_up else round(10 * size / unit)
+    return f"{tenths / 10:.1f} {name}"
 
 
 @dataclass
@@ -66,6 +73,8 @@ class Spectrum:
             return 1.0
         if objective == "fraction":
             return 1.0 / self.total_energy if self.total_energy > 0 else 0.0
+        if objective == "balanced":
+            return 1.0 / math.sqrt(self.total_energy) if self.total_energy > 0 else 0.0
         return 1.0 / self.weight_energy if self.weight_energy > 0 else 0.0
 
     @property

@@ -22,7 +22,10 @@ import torch
 
 from .constants import PREFETCH_DEPTH
 from .errors import Cancelled, UserError
+from .layer_step import record_of
+from .lora_format import complete_attention_groups, lora_file_metadata, unit_tensors
 from .metadata import tool_metadata
+from .planning import detail_output
 from .prefetch import prefetched
 from .writing import check_output_path, output_group, write_streamed
 
@@ -31,6 +34,7 @@ DISK_MARGIN_BYTES = 64 * 2**20
 
 
 def write_checkpoint(plan, opts, runner, progress, should_stop):
+    """Stream base + each unit's change (``runner.compute``: layer_step) into the output."""
     base_file = plan.base.file
     check_output_path(opts.out, opts.overwrite)
     if plan.base.scales:  # its weights are written raw: fp8 values plus the LoRA's real-scale delta
@@ -73,16 +77,24 @@ def write_checkpoint(plan, opts, runner, progress, should_stop):
             return base_tensor
         value = base_tensor.to(runner.device, dtype=torch.float32, copy=True)
         for unit, loaded in unit_loads:
-            outcome = runner.compute(unit, loaded, for_checkpoint=True)
+            step = runner.compute(unit, loaded)
             done += 1
             if progress is not None:
                 progress(done, total, unit.key)
-            if outcome is None:
+            if step is None:
                 continue
-            detail.update(outcome.detail)
+            if step.full is not None:  # --checkpoint-full, or a 1-D tensor with --full-layer
+                plan.report.add(record_of(plan, step, None))
+                change = step.full
+            else:
+                factors = step.joined()
+                plan.report.add(record_of(plan, step, factors))
+                change = factors.up @ factors.down
+                if step.detail is not None and unit.module is not None:
+                    detail.update(unit_tensors(plan, opts, unit, step.detail, opts.detail_scale))
             rows = plan.base.refs[unit.key].rows
             target = value[rows[0] : rows[1]] if rows else value
-            target += outcome.change.to(value.device)
+            target += change.reshape(unit.shape).to(value.device)
         return value.to("cpu", base_tensor.dtype)
 
     metadata = dict(base_file.metadata)
@@ -106,7 +118,6 @@ def write_checkpoint(plan, opts, runner, progress, should_stop):
 
 
 def write_detail_lora(plan, opts, detail: dict[str, torch.Tensor], group=None):
-    from .extract import complete_attention_groups, detail_output, lora_file_metadata
     from .writing import write_tensors
 
     path = detail_output(opts)

@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=BUDGET_OBJECTIVES,
         help="What a budget maximises per byte: relative (each triplet's energy relative to its layer's weight "
         "norm: the change the layer's output sees; default), energy (raw energy), fraction (each layer's "
-        "own captured fraction)",
+        "own captured fraction), balanced (energy over the layer's delta norm)",
     )
     extra.add_argument(
         "--list-layers",
@@ -181,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     for path in result.outputs:
         size = path.stat().st_size / 2**20
         print(f"Saved {path} ({size:.1f} MiB, {len(report.layers)} LoRA layers).")
+    for line in report.budget_lines():
+        print(line)
     if report.loads_in and not opts.checkpoint and not opts.checkpoint_full:
         print(f"Format {report.format}: {report.loads_in}.")
     return 0

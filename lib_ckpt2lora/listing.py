@@ -48,7 +48,7 @@ class LayerListing:
 
 def list_layers(opts: ExtractOptions, log: Callable[[str], None] | None = None) -> LayerListing:
     """Plan ``opts`` as a run would and list every layer's decision (``opts.out`` may be None)."""
-    from .extract import make_plan
+    from .planning import make_plan
 
     log = log or (lambda message: None)
     opts.validate()
@@ -73,8 +73,8 @@ def list_layers(opts: ExtractOptions, log: Callable[[str], None] | None = None) 
 
 def mark_zero_members(lines: list[LayerLine], plan) -> None:
     """A te2 attention member left out while another of its layer is extracted is written
-    as zero (see extract.complete_attention_groups): say so beside the reason."""
-    from .extract import WHOLE_GROUP
+    as zero (see lora_format.complete_attention_groups): say so beside the reason."""
+    from .lora_format import WHOLE_GROUP
 
     groups: dict[str, list[tuple[LayerLine, bool]]] = {}
     for line in lines:

@@ -16,13 +16,17 @@ COMPONENT = "transformer"
 
 
 def lora_metadata(
-    arch: Architecture, opts: ExtractOptions, module_ranks: dict[str, int], title: str, fmt: str, kind: str = "main"
+    arch: Architecture,
+    opts: ExtractOptions,
+    module_ranks: dict[str, int],
+    title: str,
+    fmt: str,
+    alpha: int,
+    kind: str = "main",
 ) -> dict[str, str]:
+    """``alpha``: the file's alpha as lora_format.file_alpha decides it."""
     style = arch.formats[fmt]
     top_rank = max(module_ranks.values()) if module_ranks else 0
-    # "shared" styles give every module alpha = the rank cap (see extract.lora_alpha);
-    # the others scale each module by 1, i.e. alpha = its own rank.
-    alpha = (opts.rank if opts.rank > 0 else opts.rank_max) if style.alpha == "shared" else top_rank
     metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(top_rank),

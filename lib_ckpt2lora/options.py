@@ -16,7 +16,7 @@ SAVE_DTYPES = ("auto", "fp16", "bf16", "fp32")
 FORMATS = ("auto", "neo", "kohya", "diffusers", "diffusion_model", "comfy")
 SVD_MODES = ("randomized", "exact")
 # What a global rank budget (--target-size / --target-energy) maximises per byte; see budget.py.
-BUDGET_OBJECTIVES = ("relative", "energy", "fraction")
+BUDGET_OBJECTIVES = ("relative", "energy", "fraction", "balanced")
 
 
 @dataclass

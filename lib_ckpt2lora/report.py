@@ -31,6 +31,9 @@ class LayerRecord:
     s_min: float
     energy: float  # captured fraction of ||delta||_F^2
     relative_delta: float  # ||delta|| / ||base||
+    # Each part's candidate singular values (up to the cap), energies and byte cost per
+    # triplet (layer_step.spectra_of): enough to work out any other allocation exactly.
+    spectra: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -43,6 +46,7 @@ class Report:
     full_tensors: list[LayerRecord] = field(default_factory=list)
     skipped: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     warnings: list[str] = field(default_factory=list)
+    budget: dict | None = None  # what a global rank budget chose (allocation.budget_summary)
 
     def add(self, record: LayerRecord) -> None:
         (self.layers if record.rank else self.full_tensors).append(record)
@@ -147,7 +151,34 @@ class Report:
             "full_tensors": [_record_dict(r) for r in self.full_tensors],
             "skipped": {reason: list(keys) for reason, keys in self.skipped.items() if keys},
             "warnings": list(self.warnings),
+            "budget": self.budget,
         }
+
+    def budget_lines(self) -> list[str]:
+        """What a global rank budget chose, in words: size, energy, ranks and bytes per group."""
+        budget = self.budget
+        if not budget:
+            return []
+        wanted = (
+            f"target {budget['target_bytes'] / 1e6:.1f} MB"
+            if budget.get("target_bytes")
+            else f"target {100 * budget['target_energy']:.1f}% of the objective"
+        )
+        lines = [
+            f"Rank budget ({budget['objective']}): {budget['bytes'] / 1e6:.1f} MB written ({wanted}); "
+            f"{100 * budget['captured_energy']:.1f}% of the model-wide delta energy kept "
+            f"({100 * budget['captured_objective']:.1f}% of the objective); {budget['layers']} layers, "
+            f"{budget['at_cap']} at the rank cap, {budget['at_floor']} at rank 1.",
+            f"{'Level':<16}{'Type':<6}{'n':>5}{'rank':>7}{'MB':>9}{'share':>8}",
+        ]
+        spent = sum(group["bytes"] for group in budget["groups"]) or 1
+        for group in budget["groups"]:
+            level = ("[Aux] " if group["auxiliary"] else "") + group["level"]
+            lines.append(
+                f"{level[:16]:<16}{group['type']:<6}{group['n']:>5}{group['rank']:>7.1f}"
+                f"{group['bytes'] / 1e6:>9.2f}{100 * group['bytes'] / spent:>7.1f}%"
+            )
+        return lines
 
 
 def record_for(name: str, key: str, group: Group, shape, rank, s_max, s_min, energy, relative_delta) -> LayerRecord:

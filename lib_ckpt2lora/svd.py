@@ -46,6 +46,19 @@ class Factorization:
     total_energy: float
     energy: float  # captured fraction
 
+    def truncated(self, rank: int) -> Factorization:
+        """The first ``rank`` triplets: still the best rank-``rank`` approximation the
+        factors give, because up and down come from one SVD (a projection of the delta)."""
+        rank = max(0, min(rank, self.up.shape[1]))
+        return Factorization(
+            self.up[:, :rank],
+            self.down[:rank],
+            rank,
+            self.singular_values,
+            self.total_energy,
+            captured_energy(self.singular_values, rank, self.total_energy),
+        )
+
     @property
     def s_max(self) -> float:
         return float(self.singular_values[0]) if self.rank else 0.0

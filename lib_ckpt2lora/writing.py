@@ -270,7 +270,7 @@ def write_tensors(
     computes and trusts for a LoRA's identity.
     """
     names = sorted(tensors)
-    entries = [(name, tensors[name].dtype, tuple(tensors[name].shape)) for name in names]
+    entries = _entries(tensors)
     metadata = dict(metadata)
     if with_hash:
         digest = hashlib.sha256()
@@ -278,3 +278,24 @@ def write_tensors(
             digest.update(tensor_bytes(tensors[name]))
         metadata["sshs_model_hash"] = digest.hexdigest()
     write_streamed(path, entries, lambda index, name: tensors[name], metadata, overwrite, group=group)
+
+
+def tensors_file_size(tensors: dict[str, torch.Tensor], metadata: dict[str, str], with_hash: bool = True) -> int:
+    """The exact size of the file ``write_tensors`` would write, without writing it."""
+    metadata = dict(metadata)
+    if with_hash:
+        metadata["sshs_model_hash"] = "0" * 64  # a SHA-256 in hex: always 64 characters
+    header, sizes = build_header(_entries(tensors), metadata)
+    return len(header) + sum(sizes)
+
+
+def write_all(outputs: list[tuple[Path, dict[str, torch.Tensor], dict[str, str]]], overwrite: bool) -> None:
+    """Write several files all or nothing: each under a temporary name, then all renamed
+    together; a failure at any point leaves the user's old files (--overwrite) untouched."""
+    with output_group(overwrite) as group:
+        for path, tensors, metadata in outputs:
+            write_tensors(path, tensors, metadata, overwrite, group=group)
+
+
+def _entries(tensors: dict[str, torch.Tensor]) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    return [(name, tensors[name].dtype, tuple(tensors[name].shape)) for name in sorted(tensors)]
