@@ -117,11 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     budget.add_argument(
         "--budget-objective",
-        default="relative",
+        default="balanced",
         choices=BUDGET_OBJECTIVES,
-        help="What a budget maximises per byte: relative (each triplet's energy relative to its layer's weight "
-        "norm: the change the layer's output sees; default), energy (raw energy), fraction (each layer's "
-        "own captured fraction), balanced (energy over the layer's delta norm)",
+        help="What a budget maximises per byte: balanced (each triplet's energy over its layer's delta norm; "
+        "default: measured to beat the per-layer rule on both model-wide energy and mean layer-output error), "
+        "relative (energy over the layer's weight norm), energy (raw energy), fraction (each layer's own "
+        "captured fraction)",
     )
     extra.add_argument(
         "--list-layers",

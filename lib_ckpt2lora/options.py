@@ -56,7 +56,7 @@ class ExtractOptions:
     # bytes) or the model-wide captured fraction; "" / 0 = the per-layer rule.
     target_size: str = ""
     target_energy: float = 0.0
-    budget_objective: str = "relative"
+    budget_objective: str = "balanced"
 
     def __post_init__(self) -> None:
         for name in ("base", "variant", "out", "variant2", "report_json", "detail_out"):
