@@ -19,7 +19,7 @@ import torch
 
 from .budget import Allocation, BudgetTooSmall, Spectrum, allocate, format_size, largest_bytes, parse_size, smallest_bytes
 from .errors import UserError
-from .layer_step import LayerStep, record_of
+from .layer_step import LayerStep, record_of, spectra_of
 from .lora_format import lora_file_metadata, unit_tensors
 from .options import ExtractOptions
 from .planning import Plan
@@ -86,7 +86,8 @@ def apply_budget(
             break
         if size <= target_bytes and (best is None or size > best[2]):
             best = (allocation, tensors, size)
-        # The header estimate is only an estimate: move the triplets' budget by the
+        del tensors  # at most the best and the current copy are held (plus the candidates)
+        # The header grows a little with the ranks: move the triplets' budget by the
         # difference until the file is as large as the target allows.
         if size <= target_bytes and target_bytes - size < min(spectrum.cost for spectrum in spectra):
             break
@@ -160,8 +161,7 @@ def _allocate(spectra, objective, budget, opts) -> Allocation:
 
 
 def _spectra(plan: Plan, step: LayerStep) -> list[Spectrum | None]:
-    from .layer_step import spectra_of
-
+    """One Spectrum per part of a step (None for a part that did not change)."""
     described = iter(spectra_of(plan, step))
     result = []
     for part in step.parts:
