@@ -394,7 +394,7 @@ def describe(plan: JobPlan, report: dict, detail: bool = False) -> str:
     total = report.get("total", {})
     budget = report.get("budget")
     if budget:
-        wanted = _mb(budget["target_bytes"]) if budget.get("target_bytes") else f"{budget['target_energy']:.0%} energy"
+        wanted = _target_mb(budget["target_bytes"]) if budget.get("target_bytes") else f"{budget['target_energy']:.0%} energy"
         rank = f"ranks chosen across all layers for {wanted} (at most {opts.rank_max} per layer)"
         captured = f"{100 * float(budget['captured_energy']):.1f}% of the difference captured over the whole model"
     else:
@@ -408,8 +408,16 @@ def describe(plan: JobPlan, report: dict, detail: bool = False) -> str:
 
 
 def _mb(size: float) -> str:
-    """Bytes in the unit of the "Target size (MB)" field: MB = 1,000,000 bytes."""
+    """Bytes in the unit of the "Target size (MB)" field, MB = 1,000,000 bytes (KB = 1,000
+    below 0.1 MB, where two decimals of MB would read 0.00)."""
+    if size < 1e5:
+        return f"{size / 1e3:.1f} KB"
     return f"{size / 1e6:.2f} MB" if size < 1e7 else f"{size / 1e6:.1f} MB"
+
+
+def _target_mb(size: float) -> str:
+    """The target as typed in the field: 0.05 MB, 1.5 MB, 100 MB."""
+    return f"{size / 1e6:g} MB"
 
 
 @dataclass
@@ -434,7 +442,7 @@ def budget_text(report: dict | None) -> BudgetText | None:
     target = budget.get("target_bytes")
     if target:
         size = (
-            f"Target size {_mb(target)}: the LoRA takes {_mb(written)} "
+            f"Target size {_target_mb(target)}: the LoRA takes {_mb(written)} "
             f"({written:,} bytes, {100 * written / target:.1f}% of the target)."
         )
     else:

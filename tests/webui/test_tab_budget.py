@@ -34,6 +34,7 @@ BUDGET = {
         {"level": "IN04", "type": "attn", "auxiliary": False, "n": 10, "rank": 12.25, "bytes": 60_000_000},
         {"level": "MID", "type": "ff", "auxiliary": False, "n": 1, "rank": 3.0, "bytes": 30_000_000},
         {"level": "TE", "type": "attn", "auxiliary": True, "n": 2, "rank": 1.0, "bytes": 8_000_000},
+        {"level": "OUT0", "type": "conv", "auxiliary": False, "n": 3, "rank": 2.0, "bytes": 42_000},
     ],
 }
 
@@ -115,7 +116,7 @@ def test_target_size_refuses_what_the_engine_refuses_in_the_tabs_words(tab, chan
 def test_budget_text_says_what_the_budget_chose_in_the_tabs_words():
     text = job.budget_text({"budget": BUDGET})
     assert text.summary == [
-        "Target size 100.0 MB: the LoRA takes 98.8 MB (98,765,432 bytes, 98.8% of the target).",
+        "Target size 100 MB: the LoRA takes 98.8 MB (98,765,432 bytes, 98.8% of the target).",
         "It keeps 93.2% of the difference's energy over the whole model (95.1% of the 'relative' objective "
         "the ranks were chosen for); 412 layers: 37 at 'Max rank', 12 at rank 1.",
     ]
@@ -123,6 +124,7 @@ def test_budget_text_says_what_the_budget_chose_in_the_tabs_words():
         "IN04 attn: 10 layers, rank 12.2 on average, 60.0 MB (61.2% of the bytes)",
         "MID ff: 1 layer, rank 3.0 on average, 30.0 MB (30.6% of the bytes)",
         "[Aux] TE attn: 2 layers, rank 1.0 on average, 8.00 MB (8.2% of the bytes)",
+        "OUT0 conv: 3 layers, rank 2.0 on average, 42.0 KB (0.0% of the bytes)",
     ]
     for line in text.summary + text.groups:
         assert not re.search(r"--[a-z]", line)
@@ -146,7 +148,7 @@ def _ok_result(report):
 def test_the_result_shows_the_budget_only_after_a_budget_run():
     shown = status_html(_ok_result({"budget": BUDGET}))
     assert "class='ckpt2lora-budget'" in shown
-    assert "Target size 100.0 MB: the LoRA takes 98.8 MB" in shown
+    assert "Target size 100 MB: the LoRA takes 98.8 MB" in shown
     assert "<li>[Aux] TE attn: 2 layers, rank 1.0 on average" in shown
     assert "ckpt2lora-budget" not in status_html(_ok_result({"budget": None}))
 
@@ -156,7 +158,7 @@ def test_the_lora_cards_description_names_the_budget(tab):
     form = job.Form(base="base.safetensors", variant="tuned.safetensors", name="sized", target_size=100)
     plan = job.plan_job(services, form)
     text = job.describe(plan, {"total": {"n": 412, "energy": 0.5}, "budget": BUDGET})
-    assert "ranks chosen across all layers for 100.0 MB (at most 64 per layer)" in text
+    assert "ranks chosen across all layers for 100 MB (at most 64 per layer)" in text
     assert "93.2% of the difference captured over the whole model" in text
 
 
@@ -184,3 +186,27 @@ def test_layout_and_wiring_import_one_way_and_the_engine_never_imports_the_ui():
     assert "lib_ckpt2lora.ui.tab" not in wiring
     for source in PACKAGE.glob("*.py"):  # the engine (the ui package aside) imports no ui module
         assert not [name for name in _imports(source) if name.startswith("lib_ckpt2lora.ui")], source.name
+
+
+# -- end to end: a real extraction with a target size, through the tab ------------------------
+def test_a_target_size_run_writes_at_most_the_target_and_shows_what_it_chose(tab):
+    blocks, models, loras = tab
+    form = inputs(base="base.safetensors", variant="tuned.safetensors", name="sized", target_size=0.05)
+    updates = run_event(blocks, blocks.ckpt2lora.handler, form)
+    status = updates[-1]
+    assert "ckpt2lora-ok" in status and "ckpt2lora-error" not in status, status
+    written = (loras / "sized.safetensors").stat().st_size
+    assert 0 < written <= 50_000  # 0.05 MB, MB = 10^6 bytes
+    assert f"Target size 0.05 MB: the LoRA takes {written / 1e3:.1f} KB ({written:,} bytes," in status
+    assert "of the difference&#x27;s energy over the whole model" in status
+    assert status.count("<li>") >= 2 and "% of the bytes)</li>" in status  # the saved file, then one per group
+    assert not re.search(r"--[a-z]", status)
+
+
+def test_a_target_size_too_small_for_rank_1_everywhere_is_one_sentence_and_writes_nothing(tab):
+    blocks, models, loras = tab
+    form = inputs(base="base.safetensors", variant="tuned.safetensors", name="tiny", target_size=0.001)
+    status = run_event(blocks, blocks.ckpt2lora.handler, form)[-1]
+    assert "ckpt2lora-error" in status and "too small" in status and "smallest possible size" in status, status
+    assert "&#x27;Target size (MB)&#x27;" in status and not re.search(r"--[a-z]", status)
+    assert list(loras.iterdir()) == []
