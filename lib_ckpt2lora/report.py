@@ -159,23 +159,25 @@ class Report:
         budget = self.budget
         if not budget:
             return []
+        from .budget import format_size
+
         wanted = (
-            f"target {budget['target_bytes'] / 1e6:.1f} MB"
+            f"target {format_size(budget['target_bytes'])}"
             if budget.get("target_bytes")
             else f"target {100 * budget['target_energy']:.1f}% of the objective"
         )
         lines = [
-            f"Rank budget ({budget['objective']}): {budget['bytes'] / 1e6:.1f} MB written ({wanted}); "
+            f"Rank budget ({budget['objective']}): {format_size(budget['bytes'])} written ({wanted}); "
             f"{100 * budget['captured_energy']:.1f}% of the model-wide delta energy kept "
             f"({100 * budget['captured_objective']:.1f}% of the objective); {budget['layers']} layers, "
             f"{budget['at_cap']} at the rank cap, {budget['at_floor']} at rank 1.",
-            f"{'Level':<16}{'Type':<6}{'n':>5}{'rank':>7}{'MB':>9}{'share':>8}",
+            f"{'Level':<22}{'Type':<6}{'n':>5}{'rank':>7}{'MB':>9}{'share':>8}",
         ]
         spent = sum(group["bytes"] for group in budget["groups"]) or 1
         for group in budget["groups"]:
             level = ("[Aux] " if group["auxiliary"] else "") + group["level"]
             lines.append(
-                f"{level[:16]:<16}{group['type']:<6}{group['n']:>5}{group['rank']:>7.1f}"
+                f"{level[:21]:<22}{group['type']:<6}{group['n']:>5}{group['rank']:>7.1f}"
                 f"{group['bytes'] / 1e6:>9.2f}{100 * group['bytes'] / spent:>7.1f}%"
             )
         return lines
