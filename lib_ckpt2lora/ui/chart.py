@@ -94,9 +94,10 @@ def _nice(value: float) -> float:
 
 
 def human_size(size: int) -> str:
+    """Decimal units (MB = 10^6 bytes), the same MB as the Target size field."""
     value = float(size)
     for unit in ("bytes", "KB", "MB", "GB"):
-        if value < 1024 or unit == "GB":
+        if value < 1000 or unit == "GB":
             return f"{int(value)} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
-        value /= 1024
+        value /= 1000
     return f"{value:.1f} GB"

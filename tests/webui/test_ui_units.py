@@ -115,7 +115,7 @@ def test_chart_has_a_bar_and_a_dot_per_group():
 def test_human_size():
     assert chart.human_size(512) == "512 bytes"
     assert chart.human_size(2048) == "2.0 KB"
-    assert chart.human_size(5 * 1024 * 1024) == "5.0 MB"
+    assert chart.human_size(5 * 1024 * 1024) == "5.2 MB"  # MB = 10^6 bytes, as the Target size field
 
 
 @pytest.mark.skipif(os.name == "nt", reason="POSIX modes")
