@@ -146,30 +146,36 @@ def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
-def plot(path: Path, curve: list[dict], s0: int | None, title: str) -> None:
+def plot(path: Path, pairs: list[tuple[str, list[dict], int | None]]) -> None:
+    """One row per pair (title, curve, S0): mean layer-output error and model-wide energy
+    against file size, one line per method; S0 dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    methods = list(dict.fromkeys(row["method"] for row in curve))
-    for method in methods:
-        points = [(row["bytes"] / 1e6, row) for row in curve if row["method"] == method and row.get("bytes")]
-        style = "k--o" if method == "per-layer" else "-o"
-        for ax, key in zip(axes, ("mean_output_error", "energy")):
-            ax.plot([x for x, _ in points], [r[key] for _, r in points], style, label=method, markersize=4)
-    for ax, label in zip(axes, ("mean layer-output error (lower is better)", "model-wide captured energy")):
-        ax.set_xlabel("file size (MB)")
-        ax.set_ylabel(label)
-        ax.set_xscale("log")
-        ax.grid(True, alpha=0.3)
-        if s0:
-            ax.axvline(s0 / 1e6, color="grey", lw=0.8, ls=":")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig, grid = plt.subplots(len(pairs), 2, figsize=(10, 3.6 * len(pairs)), squeeze=False)
+    for axes, (title, curve, s0) in zip(grid, pairs):
+        for method in dict.fromkeys(row["method"] for row in curve):
+            points = [(row["bytes"] / 1e6, row) for row in curve if row["method"] == method and row.get("bytes")]
+            style = "k--o" if method == "per-layer" else "-o"
+            for ax, key in zip(axes, ("mean_output_error", "energy")):
+                ax.plot([x for x, _ in points], [r[key] for _, r in points], style, label=method, markersize=4)
+        for ax, label in zip(axes, ("mean layer-output error (lower is better)", "model-wide captured energy")):
+            ax.set_xlabel("file size (MB)")
+            ax.set_ylabel(label, fontsize=9)
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xticks(sorted({round(row["size"] / 1e6, 1) for row in curve}))
+            ax.grid(True, alpha=0.3)
+            ax.set_title(title, fontsize=9)
+            if s0:
+                ax.axvline(s0 / 1e6, color="grey", lw=0.8, ls=":")
+        axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=72)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,8 +200,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--label", default="", help="the pair's name in the table and the plot")
     ap.add_argument("--json-out", type=Path)
     ap.add_argument("--plot", type=Path)
+    ap.add_argument("--plot-from", help="comma-separated --json-out files: plot their curves together in --plot, "
+                                        "one row each, and stop")
     args = ap.parse_args(argv)
     objectives = [o for o in args.objectives.split(",") if o]
+    if args.plot_from and args.plot:
+        saved = [json.loads(Path(f).read_text()) for f in args.plot_from.split(",")]
+        plot(args.plot, [(x.get("label", ""), x["curve"], (x.get("runs", {}).get("per-layer") or {}).get("bytes"))
+                         for x in saved])
+        print(f"plot: {args.plot}")
+        return 0
     if not (args.base and args.variant) and not (args.spectra_json and args.sizes):
         ap.error("give --base and --variant, or --spectra-json with --sizes (the curve alone)")
     result: dict = {"label": args.label, "objectives": objectives}
@@ -266,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             ("worst rel", "worst_relative_error", ".4f"), ("mean out", "mean_output_error", ".4f"),
             ("rank-max", "rank_max", "")]))
         if args.plot:
-            plot(args.plot, curve, s0, args.label or "global rank budget vs per-layer rule")
+            plot(args.plot, [(args.label or "global rank budget vs per-layer rule", curve, s0)])
             print(f"plot: {args.plot}")
     elif source is not None:
         print("bench_budget: no \"spectra\" in the curve's report: no curve")
