@@ -39,13 +39,7 @@ except ImportError:  # run as a script
 
 Rows = keymap.Rows
 
-_SUFFIXES = {
-    ".lora_down.weight": "down",
-    ".lora_up.weight": "up",
-    ".lora_A.weight": "down",
-    ".lora_B.weight": "up",
-    ".alpha": "alpha",
-}
+_SUFFIXES = keymap.LORA_SUFFIXES
 
 
 @dataclass

@@ -19,6 +19,16 @@ from pathlib import Path
 Rows = tuple[int, int] | None
 
 
+# A LoRA tensor's name suffix -> its role, for kohya and peft spellings alike.
+LORA_SUFFIXES = {
+    ".lora_down.weight": "down",
+    ".lora_up.weight": "up",
+    ".lora_A.weight": "down",
+    ".lora_B.weight": "up",
+    ".alpha": "alpha",
+}
+
+
 @dataclass(frozen=True)
 class Unit:
     """One layer as the benchmark evaluates it: rows of a raw checkpoint tensor."""

@@ -8,13 +8,11 @@ import re
 from pathlib import Path
 
 import pytest
-from uihelpers import run_event, write_pair
+from uihelpers import form_inputs, run_event, standalone_tab
 
 from lib_ckpt2lora.budget import parse_size
 from lib_ckpt2lora.errors import UserError
 from lib_ckpt2lora.ui import job
-from lib_ckpt2lora.ui.standalone_services import StandaloneServices
-from lib_ckpt2lora.ui.tab import build_tab
 from lib_ckpt2lora.ui.tab_wiring import status_html
 
 PACKAGE = Path(__file__).resolve().parents[2] / "lib_ckpt2lora"
@@ -41,18 +39,10 @@ BUDGET = {
 
 @pytest.fixture
 def tab(tmp_path):
-    models, loras = tmp_path / "checkpoints", tmp_path / "loras"
-    write_pair(models, "base.safetensors", "tuned.safetensors")
-    loras.mkdir()
-    blocks = build_tab(StandaloneServices(models, loras))
-    blocks.queue()
-    return blocks, models, loras
+    return standalone_tab(tmp_path)
 
 
-def inputs(**changes):
-    values = dict(vars(job.Form()))
-    values.update(changes)
-    return [values[f] for f in job.FORM_FIELDS]
+inputs = form_inputs
 
 
 # -- the field ---------------------------------------------------------------------------

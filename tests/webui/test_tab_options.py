@@ -7,11 +7,9 @@ import json
 import re
 
 import pytest
-from uihelpers import run_event, write_pair
+from uihelpers import form_inputs, run_event, standalone_tab
 
 from lib_ckpt2lora.ui import job
-from lib_ckpt2lora.ui.standalone_services import StandaloneServices
-from lib_ckpt2lora.ui.tab import build_tab
 
 # job.FLAG_LABELS entry -> the tab component it names
 FLAG_COMPONENTS = {
@@ -39,18 +37,10 @@ FLAG_COMPONENTS = {
 
 @pytest.fixture
 def tab(tmp_path):
-    models, loras = tmp_path / "checkpoints", tmp_path / "loras"
-    write_pair(models, "base.safetensors", "tuned.safetensors")
-    loras.mkdir()
-    blocks = build_tab(StandaloneServices(models, loras))
-    blocks.queue()
-    return blocks, models, loras
+    return standalone_tab(tmp_path)
 
 
-def inputs(**changes):
-    values = dict(vars(job.Form()))
-    values.update(changes)
-    return [values[f] for f in job.FORM_FIELDS]
+inputs = form_inputs
 
 
 def test_flag_labels_are_the_tabs_own_labels(tab):

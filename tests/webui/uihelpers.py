@@ -94,3 +94,25 @@ def run_event(blocks, fn, inputs: list) -> list:
         state = {}
     result = asyncio.run(blocks.process_api(index, list(inputs), state))
     return result["data"]
+
+
+def standalone_tab(tmp_path):
+    """The tab on standalone services over a fresh base/tuned pair: (blocks, models, loras)."""
+    from lib_ckpt2lora.ui.standalone_services import StandaloneServices
+    from lib_ckpt2lora.ui.tab import build_tab
+
+    models, loras = tmp_path / "checkpoints", tmp_path / "loras"
+    write_pair(models, "base.safetensors", "tuned.safetensors")
+    loras.mkdir()
+    blocks = build_tab(StandaloneServices(models, loras))
+    blocks.queue()
+    return blocks, models, loras
+
+
+def form_inputs(**changes):
+    """The tab's form values (job.Form defaults, with ``changes``) in FORM_FIELDS order."""
+    from lib_ckpt2lora.ui import job
+
+    values = dict(vars(job.Form()))
+    values.update(changes)
+    return [values[f] for f in job.FORM_FIELDS]
