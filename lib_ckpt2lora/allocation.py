@@ -1,13 +1,15 @@
 """Phase 2 of a budget run: every layer's candidates in, the ranks and the LoRA's tensors out.
 
 Phase 1 (extract.run_lora) factored every layer up to --rank-max and kept the factors
-on the CPU in the save dtype (a Z-Image LoRA at rank 64 is ~0.4 GB, so the peak stays
-that of a normal run). Here budget.allocate picks the ranks, the factors are truncated,
-and the file's exact size (header included) is checked against the target. The file
-at rank 1 everywhere is measured first: it is the smallest possible size and gives the
-header's size; the header then grows a little with the ranks, so the triplets' budget
-moves by the measured difference until the file is as large as the target allows and
-never larger.
+on the CPU in the save dtype: what a per-layer run holds of its LoRA when every layer
+hits the cap (a Z-Image LoRA at rank 64: ~0.4 GB), so the peak stays that of a normal
+run. Here budget.allocate picks the ranks, and each try is sized exactly (header
+included) from meta tensors, without data; only the chosen allocation is built,
+dropping each layer's candidates as its tensors are made. The file at rank 1
+everywhere is measured first: it is the smallest possible size and gives the header's
+size; the header then grows a little with the ranks, so the triplets' budget moves by
+the measured difference until the file is as large as the target allows and never
+larger.
 """
 
 from __future__ import annotations
@@ -53,9 +55,7 @@ def apply_budget(
     # The file at the floors (rank 1 everywhere) is the smallest possible; measuring it
     # exactly also gives the header's size, so the first allocation is nearly exact.
     floors = allocate(spectra, objective, budget_bytes=smallest_bytes(spectra))
-    floor_tensors = _tensors(plan, opts, steps, owners, floors, fixed_tensors, complete)
-    floor_size = tensors_file_size(floor_tensors, lora_file_metadata(plan, opts, floor_tensors, opts.out, "main"))
-    del floor_tensors
+    floor_size = tensors_file_size(*_sized(plan, opts, steps, owners, floors, fixed_tensors, complete))
     fixed = floor_size - floors.bytes
     if target_bytes is not None and target_bytes < floor_size:
         raise UserError(
@@ -79,14 +79,12 @@ def apply_budget(
         if allocation.ranks == previous:
             break  # a larger budget buys nothing more (every layer at its cap)
         previous = allocation.ranks
-        tensors = _tensors(plan, opts, steps, owners, allocation, fixed_tensors, complete)
-        size = tensors_file_size(tensors, lora_file_metadata(plan, opts, tensors, opts.out, "main"))
+        size = tensors_file_size(*_sized(plan, opts, steps, owners, allocation, fixed_tensors, complete))
         if target_bytes is None:
-            best = (allocation, tensors, size)
+            best = (allocation, size)
             break
-        if size <= target_bytes and (best is None or size > best[2]):
-            best = (allocation, tensors, size)
-        del tensors  # at most the best and the current copy are held (plus the candidates)
+        if size <= target_bytes and (best is None or size > best[1]):
+            best = (allocation, size)
         # The header grows a little with the ranks: move the triplets' budget by the
         # difference until the file is as large as the target allows.
         if size <= target_bytes and target_bytes - size < min(spectrum.cost for spectrum in spectra):
@@ -94,7 +92,7 @@ def apply_budget(
         budget = allocation.bytes + target_bytes - size
     if best is None:
         raise UserError(f"--target-size {format_size(target_bytes)} could not be met; give a larger size.")
-    allocation, tensors, size = best
+    allocation, size = best
     if opts.target_energy > 0 and allocation.captured_objective < opts.target_energy - 1e-9:
         plan.report.warnings.append(
             f"--target-energy {opts.target_energy} is out of reach at --rank-max {opts.rank_max}: every layer at its "
@@ -107,9 +105,12 @@ def apply_budget(
         at_cap[index] = at_cap[index] and rank >= len(spectrum.values)
     records = []
     for step, ranks in zip(steps, ranks_of):
-        record = record_of(plan, step, step.joined(ranks))
+        record = record_of(plan, step, step.joined(ranks, shapes_only=True))
         plan.report.add(record)
         records.append(record)
+    tensors = _tensors(plan, opts, steps, owners, allocation, fixed_tensors, complete, release=True)
+    if tensors_file_size(tensors, lora_file_metadata(plan, opts, tensors, opts.out, "main")) != size:
+        raise RuntimeError("internal: the budget's file size changed between sizing and building")
     summary = budget_summary(opts, records, tensors, allocation, size, target_bytes)
     summary["at_cap"] = sum(at_cap)
     plan.report.budget = summary
@@ -173,7 +174,17 @@ def _spectra(plan: Plan, step: LayerStep) -> list[Spectrum | None]:
     return result
 
 
-def _tensors(plan, opts, steps, owners, allocation, fixed_tensors, complete) -> dict[str, torch.Tensor]:
+def _sized(plan, opts, steps, owners, allocation, fixed_tensors, complete):
+    """The file's tensors on the meta device (no data) and its metadata: what sizes it."""
+    tensors = _tensors(plan, opts, steps, owners, allocation, fixed_tensors, complete, shapes_only=True)
+    return tensors, lora_file_metadata(plan, opts, tensors, opts.out, "main")
+
+
+def _tensors(
+    plan, opts, steps, owners, allocation, fixed_tensors, complete, shapes_only=False, release=False
+) -> dict[str, torch.Tensor]:
+    """The LoRA's tensors at ``allocation``'s ranks. ``release``: drop each layer's
+    candidates once its tensors are built, so candidates and file are never both whole."""
     ranks_of: dict[int, list[int]] = defaultdict(list)
     for (index, _), rank in zip(owners, allocation.ranks):
         ranks_of[index].append(rank)
@@ -183,7 +194,10 @@ def _tensors(plan, opts, steps, owners, allocation, fixed_tensors, complete) -> 
             continue
         present = iter(ranks_of[index])
         ranks = [0 if part is None else next(present) for part in step.parts]
-        tensors.update(unit_tensors(plan, opts, step.unit, step.joined(ranks)))
+        factors = step.joined(ranks, shapes_only=shapes_only)
+        tensors.update(unit_tensors(plan, opts, step.unit, factors, device="meta" if shapes_only else "cpu"))
+        if release:
+            step.parts = []
     return complete(tensors)
 
 

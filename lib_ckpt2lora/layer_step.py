@@ -32,11 +32,15 @@ class LayerStep:
     weight_energies: list[float] = field(default_factory=list)  # ||W||^2 per row block
     detail: Factorization | None = None  # the residual's factors (--detail)
 
-    def joined(self, ranks: list[int] | None = None) -> Factorization:
-        """The parts as one factorization, each truncated to ``ranks`` when given."""
+    def joined(self, ranks: list[int] | None = None, shapes_only: bool = False) -> Factorization:
+        """The parts as one factorization, each truncated to ``ranks`` when given.
+
+        ``shapes_only``: factors on the meta device (shapes, no data), to size a file."""
         parts = self.parts
         if ranks is not None:
             parts = [None if part is None else part.truncated(rank) for part, rank in zip(parts, ranks)]
+        if shapes_only:
+            parts = [None if part is None else _on_meta(part) for part in parts]
         return join_blocks(parts, self.unit.rows)
 
     def keep_on_cpu(self, dtype: torch.dtype) -> None:
@@ -143,6 +147,13 @@ def spectra_of(plan: Plan, step: LayerStep) -> list[dict]:
             }
         )
     return spectra
+
+
+def _on_meta(part: Factorization) -> Factorization:
+    def meta(tensor: torch.Tensor) -> torch.Tensor:
+        return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+
+    return Factorization(meta(part.up), meta(part.down), part.rank, part.singular_values, part.total_energy, part.energy)
 
 
 def _approximate_norm(tensor: torch.Tensor, stride: int = 16) -> float:

@@ -37,16 +37,18 @@ def file_alpha(style, opts: ExtractOptions, module_ranks: dict[str, int]) -> int
 
 
 def unit_tensors(
-    plan: Plan, opts: ExtractOptions, unit: Unit, factors: Factorization, scale: float = 1.0
+    plan: Plan, opts: ExtractOptions, unit: Unit, factors: Factorization, scale: float = 1.0, device: str = "cpu"
 ) -> dict[str, torch.Tensor]:
-    """A unit's LoRA tensors from its (joined) factors; ``scale`` multiplies up (--detail-scale)."""
+    """A unit's LoRA tensors from its (joined) factors; ``scale`` multiplies up (--detail-scale).
+
+    ``device="meta"`` gives the tensors' names, shapes and dtypes only (sizing a file)."""
     style = plan.arch.formats[plan.fmt]
     up = factors.up * scale if scale != 1.0 else factors.up
-    return lora_tensors(unit, style, up, factors.down, factors.rank, plan.save_dtype, shared_alpha(opts))
+    return lora_tensors(unit, style, up, factors.down, factors.rank, plan.save_dtype, shared_alpha(opts), device)
 
 
 def lora_tensors(
-    unit: Unit, style, up: torch.Tensor, down: torch.Tensor, rank: int, dtype, alpha: int
+    unit: Unit, style, up: torch.Tensor, down: torch.Tensor, rank: int, dtype, alpha: int, device: str = "cpu"
 ) -> dict[str, torch.Tensor]:
     """Factors in the layer's own layout: conv kernels as LoCon (down k x k, up 1 x 1)."""
     if style.alpha == "shared" and rank != alpha:
@@ -56,8 +58,8 @@ def lora_tensors(
         down = down.reshape(rank, *unit.shape[1:])
         up = up.reshape(unit.shape[0], rank, *([1] * (len(unit.shape) - 2)))
     tensors = {
-        unit.module + style.down: down.to("cpu", dtype).contiguous(),
-        unit.module + style.up: up.to("cpu", dtype).contiguous(),
+        unit.module + style.down: down.to(device, dtype).contiguous(),
+        unit.module + style.up: up.to(device, dtype).contiguous(),
     }
     if style.writes_alpha:
         value = alpha if style.alpha == "shared" else rank
