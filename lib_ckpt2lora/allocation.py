@@ -93,10 +93,10 @@ def apply_budget(
     if best is None:
         raise UserError(f"--target-size {format_size(target_bytes)} could not be met; give a larger size.")
     allocation, size = best
-    if opts.target_energy > 0 and allocation.captured_objective < opts.target_energy - 1e-9:
+    if opts.target_energy > 0 and allocation.captured_energy < opts.target_energy - 1e-9:
         plan.report.warnings.append(
             f"--target-energy {opts.target_energy} is out of reach at --rank-max {opts.rank_max}: every layer at its "
-            f"cap keeps {allocation.captured_objective:.4f} of the objective; raise --rank-max to keep more."
+            f"cap keeps {allocation.captured_energy:.4f} of the model-wide delta energy; raise --rank-max to keep more."
         )
     ranks_of: list[list[int]] = [[0] * len(step.parts) for step in steps]
     at_cap = [True] * len(steps)
@@ -154,7 +154,7 @@ def budget_summary(opts, records, tensors, allocation: Allocation, size: int, ta
 
 def _allocate(spectra, objective, budget, opts) -> Allocation:
     if budget is None:
-        return allocate(spectra, objective, target=opts.target_energy)
+        return allocate(spectra, objective, energy_target=opts.target_energy)
     try:
         return allocate(spectra, objective, budget_bytes=budget)
     except BudgetTooSmall:  # the header grew past the floors' margin: the floors it is

@@ -100,9 +100,12 @@ def allocate(
     objective: str = "balanced",
     budget_bytes: int | None = None,
     target: float | None = None,
+    energy_target: float | None = None,
 ) -> Allocation:
-    """Ranks for ``spectra`` that fit ``budget_bytes`` (or first reach ``target`` of the
-    objective), best value per byte first. Raises UserError when even the floors do not fit."""
+    """Ranks for ``spectra`` that fit ``budget_bytes``, best value per byte first; or the
+    first ones in that order that reach ``target`` of the objective or ``energy_target`` of
+    the model-wide delta energy (what --target-energy means: the figure the report gives).
+    Raises BudgetTooSmall when even the floors do not fit."""
     ranks = [spectrum.least for spectrum in spectra]
     floor_bytes = sum(rank * spectrum.cost for rank, spectrum in zip(ranks, spectra))
     if budget_bytes is not None and floor_bytes > budget_bytes:
@@ -110,6 +113,8 @@ def allocate(
     weights = [spectrum.weight(objective) for spectrum in spectra]
     totals = sum(w * s.total_energy for w, s in zip(weights, spectra))
     kept = sum(w * _kept(s, r) for w, s, r in zip(weights, spectra, ranks))
+    energy_total = sum(s.total_energy for s in spectra)
+    energy = sum(_kept(s, r) for s, r in zip(spectra, ranks))
     items = [
         (-(value * value * w) / s.cost, index, j)
         for index, (s, w) in enumerate(zip(spectra, weights))
@@ -121,6 +126,8 @@ def allocate(
     for negative_ratio, index, j in items:
         if target is not None and totals > 0 and kept / totals >= target:
             break
+        if energy_target is not None and energy_total > 0 and energy / energy_total >= energy_target:
+            break
         if index in closed:
             continue
         cost = spectra[index].cost
@@ -130,8 +137,8 @@ def allocate(
         ranks[index] = j + 1
         spent += cost
         kept += -negative_ratio * cost
-    energy_total = sum(s.total_energy for s in spectra)
-    energy = sum(_kept(s, r) for s, r in zip(spectra, ranks))
+        energy += spectra[index].values[j] ** 2
+    energy = sum(_kept(s, r) for s, r in zip(spectra, ranks))  # exactly, not the running sum
     return Allocation(
         ranks,
         spent,

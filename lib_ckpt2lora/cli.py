@@ -112,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--target-energy",
         type=float,
         default=0.0,
-        help="Choose every layer's rank together for the smallest LoRA that keeps this model-wide fraction "
-        "of the objective (e.g. 0.9)",
+        help="Choose every layer's rank together, in the order --budget-objective gives, until the LoRA keeps "
+        "this fraction of the whole model's delta energy (sum of kept s^2 / sum of ||delta||^2, e.g. 0.9)",
     )
     budget.add_argument(
         "--budget-objective",
