@@ -117,7 +117,7 @@ def _rank_inputs(c: dict, defaults: job.Form) -> None:
     with gr.Row():
         c["rank"] = gr.Slider(
             label="Rank",
-            info="0 = automatic, per layer; must be 0 with a Target size",
+            info="0 = automatic",
             minimum=0,
             maximum=512,
             step=1,
