@@ -164,7 +164,7 @@ class Report:
         wanted = (
             f"target {format_size(budget['target_bytes'])}"
             if budget.get("target_bytes")
-            else f"target {100 * budget['target_energy']:.1f}% of the delta energy"
+            else f"target {100 * budget['target_energy']:.4g}% of the delta energy"
         )
         lines = [
             f"Rank budget ({budget['objective']}): {format_size(budget['bytes'])} written ({wanted}); "
