@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import UserError
 
@@ -92,7 +92,6 @@ class Allocation:
     bytes: int  # the triplets' bytes (without the file's fixed part)
     captured_objective: float  # model-wide fraction of the objective kept
     captured_energy: float  # model-wide fraction of sum ||delta||^2 kept
-    notes: list[str] = field(default_factory=list)
 
 
 def allocate(
