@@ -148,7 +148,8 @@ def _rank_inputs(c: dict, defaults: job.Form) -> None:
         # job.target_size_option refuses it in the status, like every other mistake.
         c["target_size"] = gr.Number(
             label="Target size (MB)",
-            info="0 = per layer (Energy to keep); a size chooses all layers' ranks together, up to Max rank",
+            info="0 = per layer (Energy to keep); a size chooses all layers' ranks together, up to Max rank "
+            "(Rank must be 0)",
             value=defaults.target_size,
             elem_id=_id("target_size"),
         )

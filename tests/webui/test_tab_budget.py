@@ -49,7 +49,7 @@ inputs = form_inputs
 def test_target_size_field_is_labelled_as_the_engine_messages_name_it(tab):
     components = tab[0].ckpt2lora.components
     assert components["target_size"].label == job.FLAG_LABELS["--target-size"] == "Target size (MB)"
-    assert "Target size" in components["rank"].info  # Rank must be 0 with a target size
+    assert "Rank must be 0" in components["target_size"].info  # said where the size is typed
     assert job.Form().target_size == 0  # the default is today's per-layer rule
     for flag in ("--target-energy", "--budget-objective"):
         assert "command line only" in job.FLAG_LABELS[flag]
