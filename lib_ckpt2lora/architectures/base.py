@@ -59,6 +59,13 @@ class Group:
     order: int = 0
 
 
+def block_level_group(block: int, kind: str, per_level: int) -> Group:
+    """The report level of main block ``block``: L1 (blk 0-5), L2 (blk 6-11), ..."""
+    level = block // per_level
+    first = level * per_level
+    return Group(f"L{level + 1} (blk {first}-{first + per_level - 1})", kind, order=level)
+
+
 class Architecture:
     """Base class; one subclass per model family, each in its own module."""
 

@@ -41,6 +41,7 @@ from .base import (
     Group,
     LoraStyle,
     RawRef,
+    block_level_group,
     count_blocks,
     diffusion_key,
     skipped_parts,
@@ -205,9 +206,7 @@ class Lumina2(Architecture):
         parts = canonical_key.split(".")
         kind = _type(canonical_key)
         if parts[0] == "layers":
-            level = int(parts[1]) // BLOCKS_PER_LEVEL
-            first = level * BLOCKS_PER_LEVEL
-            return Group(f"L{level + 1} (blk {first}-{first + BLOCKS_PER_LEVEL - 1})", kind, order=level)
+            return block_level_group(int(parts[1]), kind, BLOCKS_PER_LEVEL)
         if parts[0] in ("noise_refiner", "context_refiner"):
             return Group(parts[0], kind, auxiliary=True, order=90)
         return Group(parts[0], kind, auxiliary=True, order=100)

@@ -30,6 +30,7 @@ from .base import (
     Group,
     LoraStyle,
     RawRef,
+    block_level_group,
     count_blocks,
     diffusion_key,
     skipped_parts,
@@ -92,9 +93,7 @@ class QwenImage(Architecture):
         parts = canonical_key.split(".")
         kind = _type(canonical_key)
         if parts[0] == "transformer_blocks":
-            level = int(parts[1]) // BLOCKS_PER_LEVEL
-            first = level * BLOCKS_PER_LEVEL
-            return Group(f"L{level + 1} (blk {first}-{first + BLOCKS_PER_LEVEL - 1})", kind, order=level)
+            return block_level_group(int(parts[1]), kind, BLOCKS_PER_LEVEL)
         return Group(parts[0], kind, auxiliary=True, order=100)
 
 

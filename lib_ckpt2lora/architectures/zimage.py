@@ -48,7 +48,7 @@ values per block).
 
 from __future__ import annotations
 
-from .base import KOHYA_STYLE, Architecture, Group, LoraStyle, RawRef, strip_weight_suffix
+from .base import KOHYA_STYLE, Architecture, Group, LoraStyle, RawRef, block_level_group, strip_weight_suffix
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "")
 # original name piece -> diffusers name piece (str.replace on the key, in this order)
@@ -190,10 +190,7 @@ class ZImage(Architecture):
         parts = canonical_key.split(".")
         kind = _zimage_type(canonical_key)
         if parts[0] == "layers":
-            index = int(parts[1])
-            level = index // BLOCKS_PER_LEVEL
-            first, last = level * BLOCKS_PER_LEVEL, level * BLOCKS_PER_LEVEL + BLOCKS_PER_LEVEL - 1
-            return Group(f"L{level + 1} (blk {first}-{last})", kind, order=level)
+            return block_level_group(int(parts[1]), kind, BLOCKS_PER_LEVEL)
         top = AUX_NAMES.get(".".join(parts[:2]), parts[0])
         return Group(top, kind, auxiliary=True, order=100)
 
