@@ -98,13 +98,11 @@ def apply_budget(
             f"--target-energy {opts.target_energy} is out of reach at --rank-max {opts.rank_max}: every layer at its "
             f"cap keeps {allocation.captured_energy:.4f} of the model-wide delta energy; raise --rank-max to keep more."
         )
-    ranks_of: list[list[int]] = [[0] * len(step.parts) for step in steps]
     at_cap = [True] * len(steps)
-    for (index, part_index), rank, spectrum in zip(owners, allocation.ranks, spectra):
-        ranks_of[index][part_index] = rank
+    for (index, _), rank, spectrum in zip(owners, allocation.ranks, spectra):
         at_cap[index] = at_cap[index] and rank >= len(spectrum.values)
     records = []
-    for step, ranks in zip(steps, ranks_of):
+    for step, ranks in zip(steps, _step_ranks(steps, owners, allocation)):
         record = record_of(plan, step, step.joined(ranks, shapes_only=True))
         plan.report.add(record)
         records.append(record)
@@ -185,20 +183,23 @@ def _tensors(
 ) -> dict[str, torch.Tensor]:
     """The LoRA's tensors at ``allocation``'s ranks. ``release``: drop each layer's
     candidates once its tensors are built, so candidates and file are never both whole."""
-    ranks_of: dict[int, list[int]] = defaultdict(list)
-    for (index, _), rank in zip(owners, allocation.ranks):
-        ranks_of[index].append(rank)
     tensors = dict(fixed_tensors)
-    for index, step in enumerate(steps):
+    for step, ranks in zip(steps, _step_ranks(steps, owners, allocation)):
         if step.unit.module is None:
             continue
-        present = iter(ranks_of[index])
-        ranks = [0 if part is None else next(present) for part in step.parts]
         factors = step.joined(ranks, shapes_only=shapes_only)
         tensors.update(unit_tensors(plan, opts, step.unit, factors, device="meta" if shapes_only else "cpu"))
         if release:
             step.parts = []
     return complete(tensors)
+
+
+def _step_ranks(steps, owners, allocation: Allocation) -> list[list[int]]:
+    """``allocation.ranks`` (one per spectrum) as each step's ranks per part (0: unchanged part)."""
+    ranks = [[0] * len(step.parts) for step in steps]
+    for (index, part_index), rank in zip(owners, allocation.ranks):
+        ranks[index][part_index] = rank
+    return ranks
 
 
 def _module_of(name: str) -> str:

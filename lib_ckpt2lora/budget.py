@@ -54,11 +54,11 @@ def parse_size(text: str | int | float) -> int:
 
 
 def format_size(size: int, round_up: bool = False) -> str:
-    """``size`` in MB (KB under 0.1 MB), one decimal; ``round_up`` for a minimum that the
-    named size must still satisfy."""
-    unit, name = (10**6, "MB") if size >= 10**5 else (10**3, "KB")
-    tenths = math.ceil(10 * size / unit) if round_up else round(10 * size / unit)
-    return f"{tenths / 10:.1f} {name}"
+    """``size`` in MB = 10^6 bytes: two decimals under 10 MB, one above, KB under 0.1 MB
+    (where MB would read 0.00); ``round_up`` for a minimum the named size must still meet."""
+    unit, name, decimals = (10**3, "KB", 1) if size < 10**5 else (10**6, "MB", 2 if size < 10**7 else 1)
+    steps = size / unit * 10**decimals
+    return f"{(math.ceil(steps) if round_up else round(steps)) / 10**decimals:.{decimals}f} {name}"
 
 
 @dataclass

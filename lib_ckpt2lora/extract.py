@@ -195,6 +195,3 @@ def write_lora_outputs(plan: Plan, opts: ExtractOptions, main, detail) -> list[P
 
 def _log_to_stderr(message: str) -> None:
     print(message, file=sys.stderr)
-
-
-__all__ = ["NOTHING_IN_COMMON", "ExtractResult", "Runner", "extract", "run_lora", "write_lora_outputs"]

@@ -91,13 +91,13 @@ def compute_step(
     if energy == 0.0:
         report.skip("no change", unit.key)
         return None
-    base = _stack_rows(bases)
-    relative = math.sqrt(energy) / max(_approximate_norm(base), 1e-12)
+    # ||W||^2 per part: the report's relative change and the budget's "relative" objective.
+    weight_energies = [squared_norm(base) for base in bases]
+    del bases
+    relative = math.sqrt(energy / max(sum(weight_energies), 1e-24))
     if len(unit.shape) == 1 or opts.checkpoint_full:
         return LayerStep(unit, relative, full=delta)
     matrix = delta.reshape(unit.shape[0], -1)
-    weight_energies = [squared_norm(block) for block in base.reshape(unit.shape[0], -1).split(unit.rows, dim=0)]
-    del bases, base
     exact = opts.svd == "exact"
     # A fused unit (Z-Image's q|k|v in comfy style) is factored part by part, each with
     # its own rank, so it carries exactly what the split modules would.
@@ -154,14 +154,6 @@ def _on_meta(part: Factorization) -> Factorization:
         return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
 
     return Factorization(meta(part.up), meta(part.down), part.rank, part.singular_values, part.total_energy, part.energy)
-
-
-def _approximate_norm(tensor: torch.Tensor, stride: int = 16) -> float:
-    """||tensor|| from every ``stride``-th element: ample for a relative size, 1/stride the cost."""
-    flat = tensor.reshape(-1)
-    if flat.numel() < 64 * stride:
-        return float(torch.linalg.vector_norm(flat))
-    return float(torch.linalg.vector_norm(flat[::stride])) * math.sqrt(stride)
 
 
 def _stack_rows(tensors: list[torch.Tensor]) -> torch.Tensor:

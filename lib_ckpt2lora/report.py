@@ -11,6 +11,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 from .architectures import Group
+from .budget import format_size
 
 RULE = "=" * 74
 THIN = "-" * 74
@@ -159,8 +160,6 @@ class Report:
         budget = self.budget
         if not budget:
             return []
-        from .budget import format_size
-
         wanted = (
             f"target {format_size(budget['target_bytes'])}"
             if budget.get("target_bytes")

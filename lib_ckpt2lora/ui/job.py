@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
 
+from ..budget import format_size
 from ..errors import Cancelled, UserError
 from ..options import ExtractOptions
 from . import sidecar
@@ -407,14 +408,6 @@ def describe(plan: JobPlan, report: dict, detail: bool = False) -> str:
     return text
 
 
-def _mb(size: float) -> str:
-    """Bytes in the unit of the "Target size (MB)" field, MB = 1,000,000 bytes (KB = 1,000
-    below 0.1 MB, where two decimals of MB would read 0.00)."""
-    if size < 1e5:
-        return f"{size / 1e3:.1f} KB"
-    return f"{size / 1e6:.2f} MB" if size < 1e7 else f"{size / 1e6:.1f} MB"
-
-
 def _target_mb(size: float) -> str:
     """The target as typed in the field: 0.05 MB, 1.5 MB, 100 MB."""
     return f"{size / 1e6:g} MB"
@@ -442,11 +435,12 @@ def budget_text(report: dict | None) -> BudgetText | None:
     target = budget.get("target_bytes")
     if target:
         size = (
-            f"Target size {_target_mb(target)}: the LoRA takes {_mb(written)} "
+            f"Target size {_target_mb(target)}: the LoRA takes {format_size(written)} "
             f"({written:,} bytes, {100 * written / target:.1f}% of the target)."
         )
     else:
-        size = f"Target energy {100 * float(budget['target_energy']):.1f}%: the LoRA takes {_mb(written)} ({written:,} bytes)."
+        energy = 100 * float(budget["target_energy"])
+        size = f"Target energy {energy:.1f}%: the LoRA takes {format_size(written)} ({written:,} bytes)."
     layers = int(budget["layers"])
     kept = (
         f"It keeps {100 * float(budget['captured_energy']):.1f}% of the difference's energy over the whole model "
@@ -461,7 +455,7 @@ def budget_text(report: dict | None) -> BudgetText | None:
         n = int(group["n"])
         lines.append(
             f"{name}: {n} layer{'s' if n != 1 else ''}, rank {float(group['rank']):.1f} on average, "
-            f"{_mb(int(group['bytes']))} ({100 * int(group['bytes']) / spent:.1f}% of the bytes)"
+            f"{format_size(int(group['bytes']))} ({100 * int(group['bytes']) / spent:.1f}% of the bytes)"
         )
     return BudgetText([size, kept], lines)
 
