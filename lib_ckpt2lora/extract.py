@@ -121,7 +121,7 @@ class Runner:
                 f"The variant does not look derived from the base: the median layer changes by "
                 f"{100 * statistics.median(self.relative_deltas):.0f}% of its weight (fine-tunes and merges "
                 "change a few percent); a LoRA from this pair will not reproduce the variant. "
-                "Check that base and variant belong together (e.g. do not mix Z-Image Base and Turbo)."
+                f"Check that base and variant belong together ({self.plan.arch.mixup_hint})."
             )
         not_finite = report.skipped.get("NaN or Inf in the delta")
         if not self.relative_deltas and not_finite:

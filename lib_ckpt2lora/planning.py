@@ -82,6 +82,11 @@ def make_plan(opts: ExtractOptions, stack: contextlib.ExitStack, log: Callable[[
             f"{opts.base.name} is not an {architectures.KNOWN_FAMILIES} model; LoRA keys use ComfyUI's "
             "diffusion_model.<key> form (pass --strict to refuse instead)."
         )
+    if opts.expert and not arch.has_experts:
+        raise UserError(
+            f"--expert names one of Wan 2.2 A14B's two expert files, but the base {opts.base.name} is {arch.title}; "
+            "drop --expert (and --base-low/--variant-low)."
+        )
     fmt = arch.resolve_format(opts.format)
     if fmt not in arch.formats:
         raise UserError(f"--format {fmt} does not apply to {arch.title}; choose one of {', '.join(arch.formats)} (or auto).")
@@ -120,7 +125,7 @@ def open_source(path: Path, role: str, arch: Architecture, base: FileView, stack
         log(f"{role.capitalize()}: {path.name}: a LoRA with {len(source.shapes)} target weights.")
         return source
     variant_arch = architectures.detect(file.infos, strict=opts.strict, path=path)
-    if variant_arch.name != arch.name:
+    if (variant_arch.name, variant_arch.title) != (arch.name, arch.title):  # a family's kinds differ in title
         raise UserError(
             f"The base {base.file.path.name} is {arch.title} but the {role} {path.name} is "
             f"{variant_arch.title}; pick a {role} derived from the base."

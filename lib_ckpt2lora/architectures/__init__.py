@@ -15,11 +15,12 @@ from .generic import Generic
 from .lumina2 import Lumina2
 from .qwen_image import QwenImage
 from .stable_diffusion import SD15, SDXL
+from .wan import Wan
 from .zimage import ZImage
 
-DETECTION_ORDER: tuple[type[Architecture], ...] = (Lumina2, ZImage, Flux, Chroma, QwenImage, SDXL, SD15)
+DETECTION_ORDER: tuple[type[Architecture], ...] = (Lumina2, ZImage, Flux, Chroma, QwenImage, Wan, SDXL, SD15)
 # The families above, as users name them (the --strict refusal, the generic warning, --help).
-KNOWN_FAMILIES = "SD1.5, SDXL, Z-Image, Flux.1, Chroma, Qwen-Image or Lumina-Image-2.0"
+KNOWN_FAMILIES = "SD1.5, SDXL, Z-Image, Flux.1, Chroma, Qwen-Image, Lumina-Image-2.0 or Wan 2.1/2.2"
 
 __all__ = ["KNOWN_FAMILIES", "Architecture", "FileView", "Group", "LoraStyle", "RawRef", "detect"]
 

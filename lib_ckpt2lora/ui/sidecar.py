@@ -33,6 +33,7 @@ PRESET_NAMES = {
     "chroma": "flux",
     "qwen_image": "qwen",
     "lumina2": "lumina",
+    "wan": "wan",
 }
 UNKNOWN = "Unknown"
 
