@@ -395,3 +395,13 @@ def test_two_experts_in_one_cli_run(tmp_path, monkeypatch, capsys):
     half = ["--base", str(high_base), "--variant", str(high_variant), "--variant-low", str(low_variant), "--out", str(out)]
     assert cli.main(half) == 2
     assert "Give both --base-low and --variant-low" in capsys.readouterr().err
+
+
+def test_sidecar_names_neos_wan_preset():
+    import types
+
+    from lib_ckpt2lora.ui import sidecar
+
+    # Forge Neo: extensions-builtin/sd_forge_lora/network.py SD_VERSION = ["Unknown"] + PresetArch names
+    neo = types.SimpleNamespace(SD_VERSION=["Unknown", "sd", "xl", "flux", "klein", "qwen", "lumina", "zit", "wan", "anima"])
+    assert sidecar.sd_version_for("wan", neo) == "wan"
