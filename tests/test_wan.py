@@ -405,3 +405,35 @@ def test_sidecar_names_neos_wan_preset():
     # Forge Neo: extensions-builtin/sd_forge_lora/network.py SD_VERSION = ["Unknown"] + PresetArch names
     neo = types.SimpleNamespace(SD_VERSION=["Unknown", "sd", "xl", "flux", "klein", "qwen", "lumina", "zit", "wan", "anima"])
     assert sidecar.sd_version_for("wan", neo) == "wan"
+
+
+@pytest.mark.parametrize("fmt", ["auto", "kohya", "diffusers"])
+def test_a_wan_lora_of_each_format_is_read_back_as_a_variant(pair, tmp_path, fmt):
+    """Wan LoRAs as users have them (diffusion-pipe / lightx2v ``diffusion_model.``, musubi
+    ``lora_unet_``, diffusers ``transformer.``) are read as a variant: re-extracting one
+    gives a default-format LoRA that applies to the same weights, the ComfyUI way."""
+    first = tmp_path / "first.safetensors"
+    lc.run_extract(pair.base_path, pair.variant_path, first, format=fmt)
+    again = tmp_path / "again.safetensors"
+    result = lc.run_extract(pair.base_path, first, again)
+    base = to_original_layout(pair.base["transformer"])
+    from_first, _ = comfy_apply(load_file(str(first)) if fmt != "diffusers" else {}, base)
+    if fmt == "diffusers":  # rebuild the first LoRA's weights from diffusers' names
+        lora = load_file(str(first))
+        for key in list(from_first):
+            module = "transformer." + wan_diffusers_module(key)
+            if key.endswith(".weight") and module + ".lora_A.weight" in lora:
+                up, down = lora[module + ".lora_B.weight"].double(), lora[module + ".lora_A.weight"].double()
+                from_first[key] = base[key].double() + (up.flatten(1) @ down.flatten(1)).reshape(base[key].shape)
+    from_again, matched = comfy_apply(load_file(str(again)), base)
+    assert matched == lc.lora_module_names(load_file(str(again))) and len(result.report.layers) > 20
+    for key, value in from_first.items():
+        change = (value - base[key].double()).norm()
+        if change > 0:
+            assert float((from_again[key] - value).norm() / change) < lc.DELTA_TOLERANCE, key
+
+
+def wan_diffusers_module(original_key):
+    from lib_ckpt2lora.architectures.wan import to_diffusers
+
+    return to_diffusers(original_key.rpartition(".")[0])

@@ -204,6 +204,12 @@ class Wan(Architecture):
             names |= {"lora_unet_" + module.replace(".", "_"), "transformer." + to_diffusers(module), to_diffusers(module)}
         return sorted(names)
 
+    def fused_aliases(self, canonical_keys):
+        """The modulation tables (no .weight suffix, so not in the alias index): each is its
+        own whole "fused" target, which lets a LoRA that patches them be read as a variant."""
+        tables = [key for key in canonical_keys if key.split(".")[-1] == "modulation"]
+        return {name: [key] for key in tables for name in (key, "diffusion_model." + key)}
+
     # -- report --------------------------------------------------------------------------
     def group(self, canonical_key):
         kind = _type(canonical_key)
