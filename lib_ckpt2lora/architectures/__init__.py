@@ -6,6 +6,7 @@ in ``DETECTION_ORDER`` (most specific first); ``Generic`` catches the rest.
 
 from __future__ import annotations
 
+from ..constants import KNOWN_FAMILIES
 from ..errors import UserError
 from ..reading import TensorInfo
 from .base import Architecture, FileView, Group, LoraStyle, RawRef
@@ -18,8 +19,6 @@ from .stable_diffusion import SD15, SDXL
 from .zimage import ZImage
 
 DETECTION_ORDER: tuple[type[Architecture], ...] = (Lumina2, ZImage, Flux, Chroma, QwenImage, SDXL, SD15)
-# The families above, as users name them (the --strict refusal, the generic warning, --help).
-KNOWN_FAMILIES = "SD1.5, SDXL, Z-Image, Flux.1, Chroma, Qwen-Image or Lumina-Image-2.0"
 
 __all__ = ["KNOWN_FAMILIES", "Architecture", "FileView", "Group", "LoraStyle", "RawRef", "detect"]
 
