@@ -14,6 +14,8 @@
 - Realistic deltas (bf16, full-rank noise, 1024 wide): the default format's fused
   block-diagonal qkv module, applied as Neo's one patch, is as exact part by part as split
   q/k/v modules, which Neo would cut down to v.
+- A trainer's Flux.2 LoRA as the variant (musubi-tuner's kohya names, ai-toolkit's
+  ``diffusion_model.<BFL name>.lora_A/B``) rebuilds the delta.
 - The detection line names Flux.2 in every layout, with no "generic" warning; pairing two
   kinds (Klein 4B with dev) or Flux.1 with Flux.2 is refused in one sentence.
 """
@@ -27,6 +29,7 @@ import realistic
 import tiny_models as tm
 import torch
 from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
+from safetensors import safe_open
 from safetensors.torch import load_file
 from test_names import infos_of, lora_entries, meta, module_names
 
@@ -394,6 +397,9 @@ def test_default_format_applies_exactly_in_comfyui_and_neo(pair, extracted, webu
         "lora_unet_single_blocks_0_linear1",
         "lora_unet_double_stream_modulation_img_lin",
     } <= modules
+    with safe_open(str(out), "pt") as handle:
+        header = handle.metadata()
+    assert (header["ss_base_model_version"], header["modelspec.architecture"]) == ("flux2", "Flux.2/lora")  # unknown width
     base, patched, unused = apply_as(pair, out, one_per_key=webui == "forge_neo")
     assert not unused, sorted(unused)[:5]
     errors = delta_errors(pair, base, patched)
@@ -426,6 +432,37 @@ def test_diffusers_format_is_not_for_neo(pair, extracted):
         for part, r in rows.items()
     }
     assert error["v"] < lc.DELTA_TOLERANCE and error["q"] > 0.99 and error["k"] > 0.99
+
+
+def test_trainers_loras_read_back_as_variants(pair, extracted, tmp_path):
+    """A Flux.2 LoRA as the variant: our kohya file (musubi-tuner's names) and the same modules
+    in ai-toolkit's spelling (``diffusion_model.<BFL name>.lora_A/B``, no alpha) rebuild the
+    delta, and extracting it again gives the same modules."""
+    result, out = extracted("kohya")
+    kohya = load_file(str(out))
+    names = {
+        "lora_unet_" + k[: -len(".weight")].replace(".", "_"): k[: -len(".weight")]
+        for k in dl.to_bfl(pair.base["transformer"], "flux2")
+    }
+    ai_toolkit = {}
+    for key, value in kohya.items():
+        module, _, suffix = key.partition(".")
+        assert float(kohya[module + ".alpha"]) == kohya[module + ".lora_down.weight"].shape[0]  # scale 1
+        spelled = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}.get(suffix)
+        if spelled:
+            ai_toolkit[f"diffusion_model.{names[module]}.{spelled}"] = value
+    lora_paths = {"kohya": out, "ai-toolkit": tm.save(ai_toolkit, tmp_path / "ai_toolkit.safetensors")}
+    for name, path in lora_paths.items():
+        again = lc.run_extract(pair.base_path, path, tmp_path / f"{name}_again.safetensors")
+        rebuilt = load_file(str(tmp_path / f"{name}_again.safetensors"))
+        assert set(rebuilt) == set(kohya), name
+        assert len(again.report.layers) == len(result.report.layers)
+        for key in kohya:
+            if key.endswith(".lora_up.weight"):
+                module = key[: -len(".lora_up.weight")]
+                want = kohya[key].double() @ kohya[module + ".lora_down.weight"].double()
+                got = rebuilt[key].double() @ rebuilt[module + ".lora_down.weight"].double()
+                assert float((got - want).norm() / want.norm()) < 1e-4, (name, module)
 
 
 # -- detection in every layout, refusals --------------------------------------------------------------
