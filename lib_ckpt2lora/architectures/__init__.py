@@ -12,13 +12,14 @@ from ..reading import TensorInfo
 from .base import Architecture, FileView, Group, LoraStyle, RawRef
 from .chroma import Chroma
 from .flux import Flux
+from .flux2 import Flux2
 from .generic import Generic
 from .lumina2 import Lumina2
 from .qwen_image import QwenImage
 from .stable_diffusion import SD15, SDXL
 from .zimage import ZImage
 
-DETECTION_ORDER: tuple[type[Architecture], ...] = (Lumina2, ZImage, Flux, Chroma, QwenImage, SDXL, SD15)
+DETECTION_ORDER: tuple[type[Architecture], ...] = (Lumina2, ZImage, Flux2, Flux, Chroma, QwenImage, SDXL, SD15)
 
 __all__ = ["KNOWN_FAMILIES", "Architecture", "FileView", "Group", "LoraStyle", "RawRef", "detect"]
 
