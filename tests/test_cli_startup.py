@@ -49,7 +49,8 @@ def test_standalone_page_without_gradio_says_what_to_install(tmp_path):
 
 
 def test_standalone_help_says_gradio_is_needed():
-    run = subprocess.run([sys.executable, "-m", "lib_ckpt2lora.ui", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "-m", "lib_ckpt2lora.ui", "--help"]
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and "gradio" in run.stdout
 
 
