@@ -9,7 +9,7 @@ interrupt_current_processing / InterruptProcessingException(BaseException)``
 global hook, and the server's hook that raises the interrupt from inside a progress
 update (main.py ``hijack_progress``). The LoRA is applied with ComfyUI's key map and
 patching as tests/test_neo_patcher.py emulates them (every patch of a weight kept).
-A real ComfyUI run (not in CI) is in docs/comfyui.md.
+A real ComfyUI run (not in CI): README, "Install in ComfyUI".
 """
 
 from __future__ import annotations
@@ -359,7 +359,7 @@ def test_bad_input_fails_the_node_with_one_sentence_and_writes_nothing(comfy, in
 
 
 def test_library_sentences_name_the_nodes_inputs():
-    assert nodes.node_text("choose another name or pass --overwrite.") == "choose another name or pass 'overwrite'."
+    assert nodes.node_text("choose another name or pass --overwrite.") == "choose another name or turn on 'overwrite'."
     assert nodes.node_text("--target-size 5MB with --rank-thresh") == "'target_size_mb' 5MB with 'rank_thresh'"
     assert nodes.node_text("Give the output file with --out.") == "Give the output file with 'output_name'."
 
@@ -380,3 +380,44 @@ def test_compute_device_is_comfyuis_with_the_cpu_fallback(comfy, device, expecte
     else:
         comfy.device = torch.device(device)
     assert nodes.compute_device() == expected
+
+
+# -- the example workflow ------------------------------------------------------------------------
+
+
+def test_example_workflow_extracts_then_samples_variant_and_base_plus_lora_with_one_seed(comfy):
+    """example_workflows/ (ComfyUI lists it under the pack's templates: app/custom_node_manager.py):
+    a consistent graph in the UI format 0.4 whose extract node carries this node's widgets in
+    INPUT_TYPES order, whose LoRA loader takes the extracted file by link, and whose two
+    samplers share one seed node (run against a real ComfyUI's /object_info: docs in the note)."""
+    import json
+
+    workflow = json.loads((ROOT / "example_workflows" / "extract_and_compare.json").read_text(encoding="utf8"))
+    assert workflow["version"] == 0.4
+    by_id = {node["id"]: node for node in workflow["nodes"]}
+    assert len(by_id) == len(workflow["nodes"]) and workflow["last_node_id"] == max(by_id)
+    origin_of = {}
+    for link_id, origin, slot, target, target_slot, _ in workflow["links"]:
+        assert link_id in by_id[origin]["outputs"][slot]["links"]
+        assert by_id[target]["inputs"][target_slot]["link"] == link_id
+        origin_of[(target, by_id[target]["inputs"][target_slot]["name"])] = (by_id[origin], slot)
+
+    extract = next(node for node in workflow["nodes"] if node["type"] == "Ckpt2LoraExtract")
+    spec = nodes.Ckpt2LoraExtract.INPUT_TYPES()
+    names = list(spec["required"]) + list(spec["optional"])
+    values = dict(zip(names, extract["widgets_values"], strict=True))
+    for name, definition in {**spec["required"], **spec["optional"]}.items():
+        if name not in ("base", "variant", "output_name"):
+            assert values[name] == definition[1].get("default", "None"), name
+
+    loader = next(node for node in workflow["nodes"] if node["type"] == "LoraLoader")
+    assert origin_of[(loader["id"], "lora_name")] == (extract, 0)
+    base_loader, _ = origin_of[(loader["id"], "model")]
+    samplers = [node for node in workflow["nodes"] if node["type"] == "KSampler"]
+    assert len(samplers) == 2
+    seeds = {(origin["id"], slot) for origin, slot in (origin_of[(s["id"], "seed")] for s in samplers)}
+    assert len(seeds) == 1, "the two samplers must share one seed"
+    models = {origin_of[(s["id"], "model")][0]["id"] for s in samplers}
+    variant_loader = next(by_id[m] for m in models if m != loader["id"])
+    assert models == {loader["id"], variant_loader["id"]}
+    assert base_loader["widgets_values"] == [values["base"]] and variant_loader["widgets_values"] == [values["variant"]]

@@ -43,13 +43,15 @@ _FLAG = re.compile(r"--([a-z][a-z0-9-]*)")
 
 
 def node_text(message: str) -> str:
-    """'pass --overwrite' -> "pass 'overwrite'": the library's sentence in this node's words."""
+    """'pass --overwrite' -> "turn on 'overwrite'": the library's sentence in this node's words."""
+
+    message = (message or "").replace("pass --overwrite", "turn on --overwrite")  # a toggle here
 
     def name(match: re.Match) -> str:
         flag = match.group(0)
         return "'" + FLAG_INPUTS.get(flag, match.group(1).replace("-", "_")) + "'"
 
-    return _FLAG.sub(name, message or "")
+    return _FLAG.sub(name, message)
 
 
 def model_choices() -> list[str]:
