@@ -11,7 +11,8 @@ from ..ui.chart import _nice as nice_scale
 
 BACKGROUND, GRID, TEXT = (255, 255, 255), (225, 225, 225), (40, 40, 40)
 BAR, ENERGY = (90, 140, 220), (230, 120, 40)
-STEP, LEFT, RIGHT, TOP, PLOT_H, LABEL_H = 40, 48, 52, 28, 200, 70
+STEP, LEFT, RIGHT, TOP, PLOT_H, LABEL_H = 72, 48, 52, 28, 200, 44
+LABEL_CHARS = 11  # what fits under a bar in Pillow's default font
 
 
 def chart_pixels(report: dict):
@@ -43,8 +44,8 @@ def chart_pixels(report: dict):
         draw.rectangle([x + 6, bottom - bar, x + STEP - 6, bottom], fill=BAR)
         energy = min(1.0, max(e_lo, float(group["energy"])))
         points.append((x + STEP / 2, bottom - PLOT_H * (energy - e_lo) / max(1e-9, 1 - e_lo)))
-        draw.text((x + 2, bottom + 4), str(group["level"])[:7], fill=TEXT)
-        draw.text((x + 2, bottom + 18), str(group["type"])[:7], fill=TEXT)
+        draw.text((x + 4, bottom + 4), str(group["level"])[:LABEL_CHARS], fill=TEXT)
+        draw.text((x + 4, bottom + 18), str(group["type"])[:LABEL_CHARS], fill=TEXT)
     if len(points) > 1:
         draw.line(points, fill=ENERGY, width=2)
     for x, y in points:
