@@ -18,8 +18,8 @@ What it relies on in ComfyUI (read in yzkee/ComfyUI @783545f6):
 - A node's exception is shown as ``str(exception)`` (execution.py execute): we raise the
   library's one sentence, with the CLI's flag names turned into this node's input names.
 
-ComfyUI's modules are imported inside the methods only: importing this module needs
-neither ComfyUI nor torch (pytest, the WebUI and ComfyUI's start-up all import it).
+ComfyUI's modules and the engine are imported inside the methods only: importing this
+module needs no ComfyUI (pytest imports it too) and adds only ``errors`` and ``options``.
 """
 
 from __future__ import annotations
