@@ -315,12 +315,16 @@ def press_cancel_at(comfy: Comfy, call: int, raise_in_hook: bool) -> None:
     comfy.hook = hook
 
 
-@pytest.mark.parametrize("raise_in_hook", [True, False], ids=["raised-inside-ProgressBar.update", "seen-between-layers"])
-def test_interrupt_ends_as_comfyuis_interrupt_with_nothing_written(comfy, raise_in_hook):
+@pytest.mark.parametrize(
+    "raise_in_hook, inputs",
+    [(True, {}), (False, {}), (True, {"target_size_mb": 0.05})],
+    ids=["raised-inside-ProgressBar.update", "seen-between-layers", "raised-inside-update-with-a-size-budget"],
+)
+def test_interrupt_ends_as_comfyuis_interrupt_with_nothing_written(comfy, raise_in_hook, inputs):
     before = snapshot(loras(comfy))
     press_cancel_at(comfy, 3, raise_in_hook)
     with pytest.raises(comfy.InterruptProcessingException):
-        run()
+        run(**inputs)
     assert snapshot(loras(comfy)) == before and not temp_leftovers(loras(comfy))
     assert comfy.interrupted is False  # cleared, as ComfyUI's own interrupt handling leaves it
     comfy.hook = comfy.server_hook
