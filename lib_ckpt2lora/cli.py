@@ -10,8 +10,8 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
-from .architectures import KNOWN_FAMILIES
-from .constants import VERSION
+from .budget import format_size
+from .constants import KNOWN_FAMILIES, VERSION
 from .errors import Cancelled, UserError
 from .options import BUDGET_OBJECTIVES, FORMATS, SAVE_DTYPES, SVD_MODES, ExtractOptions, expert_pair
 
@@ -26,7 +26,7 @@ DESCRIPTION = (
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m lib_ckpt2lora", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=_program_name(), description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--base", required=True, help="Base model safetensors path")
     p.add_argument("--variant", required=True, help="Variant model safetensors or LoRA path")
@@ -149,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _program_name() -> str:
+    """How the user started us: the ``ckpt2lora`` command of a pip install, or the module."""
+    name = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else ""
+    return "python -m lib_ckpt2lora" if name in ("", "__main__", "-c") else name
+
+
 def options_from_args(args: argparse.Namespace) -> ExtractOptions:
     names = [f for f in ExtractOptions.__dataclass_fields__ if f != "extra_metadata"]
     return ExtractOptions(**{name: getattr(args, name) for name in names if hasattr(args, name)})
@@ -192,8 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         if opts.report_json:
             Path(opts.report_json).write_text(json.dumps(report.to_dict(), indent=1))
         for path in result.outputs:
-            size = path.stat().st_size / 2**20
-            print(f"Saved {path} ({size:.1f} MiB, {len(report.layers)} LoRA layers).")
+            print(f"Saved {path} ({format_size(path.stat().st_size)}, {len(report.layers)} LoRA layers).")
         for line in report.budget_lines():
             print(line)
         if report.loads_in and not opts.checkpoint and not opts.checkpoint_full:

@@ -125,7 +125,8 @@ def open_source(path: Path, role: str, arch: Architecture, base: FileView, stack
         log(f"{role.capitalize()}: {path.name}: a LoRA with {len(source.shapes)} target weights.")
         return source
     variant_arch = architectures.detect(file.infos, strict=opts.strict, path=path)
-    if (variant_arch.name, variant_arch.title) != (arch.name, arch.title):  # a family's kinds differ in title
+    # the title names the kind too (Flux.1 Fill, Flux.2 Klein 4B vs dev): another kind is another model
+    if (variant_arch.name, variant_arch.title) != (arch.name, arch.title):
         raise UserError(
             f"The base {base.file.path.name} is {arch.title} but the {role} {path.name} is "
             f"{variant_arch.title}; pick a {role} derived from the base."

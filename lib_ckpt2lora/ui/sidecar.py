@@ -30,6 +30,7 @@ PRESET_NAMES = {
     "sdxl": "xl",
     "zimage": "zit",
     "flux": "flux",
+    "flux2": "klein",
     "chroma": "flux",
     "qwen_image": "qwen",
     "lumina2": "lumina",
