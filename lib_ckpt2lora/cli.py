@@ -28,8 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=_program_name(), description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--base", required=True, help="Base model safetensors path")
-    p.add_argument("--variant", required=True, help="Variant model safetensors or LoRA path")
+    p.add_argument("--base", help="Base model safetensors path (required unless --merge)")
+    p.add_argument("--variant", help="Variant model safetensors or LoRA path (required unless --merge)")
     p.add_argument(
         "--variant2", help="Second variant model or LoRA. Enables dual-variant extraction: common (default) or union (--union)."
     )
@@ -131,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Dry run: list each layer with its shape and whether it would be extracted (and why not), "
         "then stop; reads headers only, writes nothing, needs no --out",
     )
+    extra.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="LORA[:WEIGHT]",
+        help="Merge these LoRAs (weight 1 unless given, e.g. a.safetensors:0.5 b.safetensors:-0.7) into one LoRA "
+        "at --rank / --rank-thresh / --target-size, no base needed; one file resizes it",
+    )
     extra.add_argument("--overwrite", action="store_true", help="Replace an existing output file")
     extra.add_argument("--strict", action="store_true", help=f"Refuse models that are not {KNOWN_FAMILIES}")
     extra.add_argument("--report-json", help="Also write the report (summary and per-layer data) as JSON")
@@ -163,6 +170,12 @@ def options_from_args(args: argparse.Namespace) -> ExtractOptions:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.merge:
+        from .toolbox.merge_cli import run_merge
+
+        return run_merge(parser, args)
+    if args.base is None or args.variant is None:
+        parser.error("the following arguments are required: --base and --variant (or --merge LORA ...)")
     if args.out is None and not args.list_layers:
         parser.error("the following arguments are required: --out (or pass --list-layers for a dry run)")
     if args.list_layers:

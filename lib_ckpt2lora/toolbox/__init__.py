@@ -1,0 +1,1 @@
+"""The LoRA toolbox: what model makers do with LoRAs besides extracting them (merge, resize, batch)."""

@@ -1,0 +1,242 @@
+"""The LoRAs a merge reads: ``FILE[:WEIGHT]`` arguments, the family of each file, and its
+modules grouped across inputs by the weight they change, whatever their spelling.
+
+A merge has no base model to match module names against, so modules are grouped by
+``lora_input.normalise`` (one spelling for kohya underscores, peft/diffusers dots and
+ComfyUI prefixes: ``lora_unet_a_b``, ``unet.a.b``, ``diffusion_model.a.b`` all become
+``unet:a_b``); SD UNet modules spelled by their ldm/sgm path (``input_blocks_4_1_...``,
+kohya SDXL) are also mapped to the diffusers path (``down_blocks_1_attentions_0_...``,
+kohya SD1.5, peft) with the family's own table (architectures/sd_unet_names.py), so both
+spellings of one weight meet. A family is read from the header (kohya's
+``ss_base_model_version``, ``modelspec.architecture``, ours) or else from the module
+names and shapes; a LoRA of another family than the first input is refused.
+
+Not grouped: layouts that split a weight differently (Flux's fused BFL ``img_attn.qkv``
+vs diffusers' separate ``to_q/to_k/to_v``); such inputs are refused in one sentence
+rather than written as two modules for one weight.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..architectures import DETECTION_ORDER, Architecture
+from ..architectures.generic import Generic
+from ..architectures.sd_unet_names import RESNET_PARTS, TOP_LEVEL, ldm_to_diffusers
+from ..errors import UserError
+from ..lora_input import PREFIXES, LoraModule, adapter_config_alphas, dense_delta, is_lora_file, normalise, parse_modules
+from ..reading import TensorFile
+from .merge import Term
+
+FAMILIES: dict[str, type[Architecture]] = {cls.name: cls for cls in (*DETECTION_ORDER, Generic)}
+# modelspec.architecture / ss_base_model_version fragments -> family (first match wins)
+HEADER_HINTS = (
+    ("stable-diffusion-xl", "sdxl"),
+    ("sdxl", "sdxl"),
+    ("stable-diffusion-v1", "sd15"),
+    ("sd_v1", "sd15"),
+    ("flux", "flux"),
+    ("chroma", "chroma"),
+    ("z-image", "zimage"),
+    ("z_image", "zimage"),
+    ("qwen", "qwen_image"),
+    ("lumina", "lumina2"),
+)
+SD_UNET_HEADS = ("down_blocks_", "up_blocks_", "mid_block_", "input_blocks_", "output_blocks_", "middle_block_", "conv_in")
+_LDM_BLOCK = re.compile(r"^(input_blocks|output_blocks)_(\d+)_(\d+)_(.+)$")
+_LDM_MIDDLE = re.compile(r"^middle_block_(\d+)_(.+)$")
+_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+@dataclass
+class MergeInput:
+    path: Path
+    weight: float = 1.0
+
+
+def parse_merge_input(text: str) -> MergeInput:
+    """``FILE`` or ``FILE:WEIGHT``. Windows paths hold ':' (``C:\\x\\a.safetensors:0.5``), so
+    the text splits on its last ':' only when what follows is a number."""
+    text = str(text).strip()
+    head, colon, tail = text.rpartition(":")
+    if colon and _NUMBER.match(tail.strip()):
+        weight = float(tail)
+        if not math.isfinite(weight):
+            raise UserError(f"The weight of {head} must be a finite number, not {tail!r}.")
+        return MergeInput(Path(head), weight)
+    if colon and head.lower().endswith(LORA_SUFFIXES) and not any(sep in tail for sep in "/\\"):
+        raise UserError(f"The weight after {head}: must be a number such as 0.5 or -0.7, not {tail!r} (write FILE:WEIGHT).")
+    return MergeInput(Path(text), 1.0)
+
+
+@dataclass
+class ModuleGroup:
+    """One weight's modules across the inputs."""
+
+    key: str  # normalise()'d name, SD UNet paths in diffusers form
+    part: str  # unet / te / te2
+    spellings: list[str] = field(default_factory=list)  # every input's module name for it
+    members: list[tuple[int, LoraModule]] = field(default_factory=list)  # (input index, module)
+
+
+class LoraInput:
+    """One input LoRA: its file, weight, family and modules (headers only until read)."""
+
+    def __init__(self, given: MergeInput):
+        self.path, self.weight = given.path, given.weight
+        self.file = TensorFile(given.path, role="LoRA")
+        self.name = self.file.path.name
+        if not is_lora_file(self.file.infos):
+            raise UserError(f"{self.name} is not a LoRA (no lora_down/lora_A/LoHa/LoKr keys); --merge takes LoRA files only.")
+        self.modules = parse_modules(self.file)
+        for module in self.modules.values():
+            if "dora" in module.tensors:
+                raise UserError(
+                    f"{self.name} is a DoRA (module {module.name} has dora_scale), whose effect is not a weight delta "
+                    "that can be summed; merge it into a checkpoint instead."
+                )
+        self.config_alphas = adapter_config_alphas(self.file.metadata, self.modules)
+        self.family = lora_family(self.file, self.modules)
+        self.dtypes = {self.file.infos[key].dtype for m in self.modules.values() for r, key in m.tensors.items() if r != "alpha"}
+
+    def terms(self, module: LoraModule) -> tuple[Term | None, torch.Tensor | None, tuple[int, ...]]:
+        """The module's weight term (loader scale folded), its bias delta, and the weight's shape."""
+        tensors = {role: self.file.get(key) for role, key in module.tensors.items()}
+        if "alpha" not in tensors and module.name in self.config_alphas:
+            tensors["alpha"] = torch.tensor(self.config_alphas[module.name])
+        bias = tensors.pop("diff_b", None)
+        bias = bias.float() * self.weight if bias is not None else None
+        roles = set(tensors) - {"alpha"}
+        if not roles:
+            return None, bias, tuple(bias.shape)
+        if roles == {"up", "down"}:
+            up, down = tensors["up"].float(), tensors["down"].float()
+            rank = down.shape[0]
+            scale = float(tensors["alpha"]) / rank if "alpha" in tensors else 1.0
+            shape = (up.shape[0], *down.shape[1:])
+            return Term(self.weight, up=up.flatten(1) * scale, down=down.flatten(1)), bias, shape
+        try:
+            dense = dense_delta(module.name, {role: t.float() for role, t in tensors.items()})
+        except RuntimeError as error:  # factors whose shapes do not chain
+            raise UserError(f"Module {module.name} of {self.name} is damaged ({error}); check the file.") from None
+        shape = tuple(dense.shape)
+        return Term(self.weight, dense=dense.reshape(shape[0], -1) if dense.dim() > 1 else dense), bias, shape
+
+
+def lora_family(file: TensorFile, modules: dict[str, LoraModule]) -> str:
+    """The model family a LoRA is for: from its header, else from its module names and shapes."""
+    meta = file.metadata
+    if meta.get("ckpt2lora_architecture") in FAMILIES:
+        return meta["ckpt2lora_architecture"]
+    hint = f"{meta.get('modelspec.architecture', '')} {meta.get('ss_base_model_version', '')}".lower()
+    for fragment, family in HEADER_HINTS:
+        if fragment in hint:
+            return family
+    names = {normalise(name) for name in modules}
+    parts = {name.partition(":")[0] for name in names}
+    paths = [name.partition(":")[2] for name in names if name.startswith("unet:")]
+
+    def width(pattern: str) -> int | None:  # a matching module's input width (down's columns)
+        for module in modules.values():
+            if re.search(pattern, normalise(module.name)) and "down" in module.tensors:
+                return file.infos[module.tensors["down"]].shape[1]
+        return None
+
+    if any(p.startswith(("double_blocks_", "single_blocks_", "single_transformer_blocks_")) for p in paths):
+        return "chroma" if any("distilled_guidance" in p for p in paths) else "flux"
+    if any(re.match(r"transformer_blocks_\d+_(img|txt)_(mlp|mod)", p) for p in paths):
+        return "qwen_image"
+    if any(re.match(r"(noise_refiner|context_refiner|layers)_\d+_(attention|feed_forward|adaLN)", p) for p in paths):
+        return "lumina2" if width(r"_attention_") == 2304 else "zimage"
+    if "te2" in parts or any(p.startswith(("label_emb", "add_embedding")) for p in paths):
+        return "sdxl"
+    if any(p.startswith(SD_UNET_HEADS) for p in paths) or "te" in parts:
+        cross = width(r"attn2_to_k$")
+        deep = any(re.search(r"transformer_blocks_[1-9]", p) for p in paths)
+        return "sdxl" if cross == 2048 or deep else "sd15"
+    return "generic"
+
+
+def family_title(family: str) -> str:
+    return FAMILIES[family].title if family in FAMILIES else family
+
+
+def group_modules(inputs: list[LoraInput]) -> list[ModuleGroup]:
+    """Every weight any input changes, with the modules (one per input at most) that change it."""
+    groups: dict[str, ModuleGroup] = {}
+    for index, lora in enumerate(inputs):
+        seen: dict[str, str] = {}
+        for module in lora.modules.values():
+            part, _, path = normalise(module.name).partition(":")
+            if part == "unet" and lora.family in ("sd15", "sdxl"):
+                path = ldm_path_as_diffusers(path) or path
+            key = f"{part}:{path}"
+            if key in seen:
+                raise UserError(
+                    f"{lora.name} holds two modules for one weight ({seen[key]} and {module.name}); "
+                    "the file mixes spellings, merge it from a clean copy."
+                )
+            seen[key] = module.name
+            group = groups.setdefault(key, ModuleGroup(key, part))
+            group.spellings.append(module.name)
+            group.members.append((index, module))
+    _refuse_split_layouts(inputs, groups)
+    return list(groups.values())
+
+
+def ldm_path_as_diffusers(path: str) -> str | None:
+    """An SD UNet module path in ldm/sgm form, underscored (``input_blocks_4_1_proj_in``), as
+    its diffusers path underscored (``down_blocks_1_attentions_0_proj_in``); None if not ldm."""
+    for ldm, _ in TOP_LEVEL.items():
+        if path == ldm.replace(".", "_"):
+            return ldm_to_diffusers(ldm).replace(".", "_")
+    match = _LDM_BLOCK.match(path)
+    if match:
+        head, rest = f"{match.group(1)}.{match.group(2)}.{match.group(3)}", match.group(4)
+    else:
+        match = _LDM_MIDDLE.match(path)
+        if not match:
+            return None
+        head, rest = f"middle_block.{match.group(1)}", match.group(2)
+    rest = next((part for part in RESNET_PARTS if part.replace(".", "_") == rest), rest)
+    diffusers = ldm_to_diffusers(f"{head}.{rest}")
+    return None if diffusers is None else diffusers.replace(".", "_")
+
+
+def _refuse_split_layouts(inputs: list[LoraInput], groups: dict[str, ModuleGroup]) -> None:
+    """Flux-style families name one weight two ways that split it differently (BFL's fused
+    ``double_blocks_N_img_attn_qkv`` vs diffusers' ``transformer_blocks_N_attn_to_q``)."""
+    if inputs[0].family not in ("flux", "chroma"):
+        return
+    layouts = {}
+    for group in groups.values():
+        path = group.key.partition(":")[2]
+        for index, _ in group.members:
+            if path.startswith(("double_blocks_", "single_blocks_")):
+                layouts.setdefault("BFL (kohya/ComfyUI)", inputs[index].name)
+            elif path.startswith(("transformer_blocks_", "single_transformer_blocks_")):
+                layouts.setdefault("diffusers", inputs[index].name)
+    if len(layouts) > 1:
+        (first, a), (second, b) = list(layouts.items())[:2]
+        raise UserError(
+            f"{a} names Flux modules in the {first} layout and {b} in the {second} layout, which split q/k/v "
+            "differently; convert one of them to the other's layout first (ckpt2lora does not merge across layouts yet)."
+        )
+
+
+def dotted_path(name: str) -> str | None:
+    """A module name's path without its prefix when it is spelled with dots (peft, diffusers,
+    ComfyUI), which is what dotted output formats need; None for kohya underscore names."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix, _ in PREFIXES:
+            if name.startswith(prefix):
+                name, changed = name[len(prefix) :], True
+    return name if "." in name else None
