@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..allocation import budget_summary
 from ..architectures import Group, LoraStyle
 from ..budget import BudgetTooSmall, Spectrum, allocate, format_size, largest_bytes, parse_size, smallest_bytes
 from ..constants import TOOL_NAME, VERSION
@@ -288,9 +289,9 @@ def _choose_ranks(merged: list[_Merged], opts: MergeOptions, family, fmt, dtype,
         if item.spectrum is not None and item.spectrum.total_energy <= 0:
             report.skip("no change (the inputs cancel out)", item.name)
     if opts.has_budget and low_rank:
-        ranks = _budget_ranks(low_rank, opts, family, fmt, dtype, report, inputs)
+        ranks, chosen = _budget_ranks(low_rank, opts, family, fmt, dtype, report, inputs)
     else:
-        ranks = [_rule_rank(item, opts) for item in low_rank]
+        ranks, chosen = [_rule_rank(item, opts) for item in low_rank], None
     tensors: dict[str, torch.Tensor] = {}
     for item, rank in zip(low_rank, ranks):
         tensors.update(_module_tensors(item, rank, opts, dtype))
@@ -302,6 +303,10 @@ def _choose_ranks(merged: list[_Merged], opts: MergeOptions, family, fmt, dtype,
                 item.name, item.group.key, merge_group_of(item.group), item.shape, rank, float(spectrum.s[0]), s_min, energy, 0.0
             )
         )
+    if chosen is not None:
+        allocation, size, target, at_cap = chosen
+        report.budget = budget_summary(opts, list(report.layers), tensors, allocation, size, target)
+        report.budget["at_cap"] = at_cap
     for item in merged:
         if item.full is not None:
             tensors[item.name + ".diff"] = item.full.to(dtype).contiguous()
@@ -325,7 +330,7 @@ def _module_tensors(item: _Merged, rank: int, opts: MergeOptions, dtype) -> dict
     return lora_tensors(unit, item.style, up.cpu(), down.cpu(), rank, dtype, shared_alpha(opts))
 
 
-def _budget_ranks(low_rank: list[_Merged], opts: MergeOptions, family, fmt, dtype, report: Report, inputs) -> list[int]:
+def _budget_ranks(low_rank: list[_Merged], opts: MergeOptions, family, fmt, dtype, report: Report, inputs):
     """Ranks that fill --target-size (or reach --target-energy), best value per byte first
     (budget.allocate, as an extraction's budget); the header's size is measured exactly."""
     element = torch.empty((), dtype=dtype).element_size()
@@ -378,19 +383,8 @@ def _budget_ranks(low_rank: list[_Merged], opts: MergeOptions, family, fmt, dtyp
                 allocation = tried
                 break
             budget -= size - target
-    report.budget = {
-        "target_bytes": target,
-        "target_energy": opts.target_energy or None,
-        "objective": opts.budget_objective,
-        "bytes": size_of(allocation.ranks),
-        "captured_objective": allocation.captured_objective,
-        "captured_energy": allocation.captured_energy,
-        "layers": len(spectra),
-        "at_floor": sum(1 for rank in allocation.ranks if rank <= 1),
-        "at_cap": sum(1 for rank, s in zip(allocation.ranks, spectra) if rank >= len(s.values)),
-        "groups": [],
-    }
-    return allocation.ranks
+    at_cap = sum(1 for rank, spectrum in zip(allocation.ranks, spectra) if rank >= len(spectrum.values))
+    return allocation.ranks, (allocation, size_of(allocation.ranks), target, at_cap)
 
 
 def _columns(shape: tuple[int, ...]) -> int:
