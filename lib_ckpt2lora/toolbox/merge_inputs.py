@@ -18,6 +18,7 @@ rather than written as two modules for one weight.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -207,6 +208,40 @@ def ldm_path_as_diffusers(path: str) -> str | None:
     rest = next((part for part in RESNET_PARTS if part.replace(".", "_") == rest), rest)
     diffusers = ldm_to_diffusers(f"{head}.{rest}")
     return None if diffusers is None else diffusers.replace(".", "_")
+
+
+def diffusers_path_as_ldm(path: str) -> str | None:
+    """The inverse of ``ldm_path_as_diffusers`` (underscored paths), for SDXL's kohya names."""
+    whole, prefixes = _ldm_inverse()
+    if path in whole:
+        return whole[path]
+    for head in sorted(prefixes, key=len, reverse=True):
+        if path.startswith(head):
+            return prefixes[head] + path[len(head) :]
+    return None
+
+
+@functools.cache
+def _ldm_inverse() -> tuple[dict[str, str], dict[str, str]]:
+    """Every ldm UNet module the SD tables name, mapped back: whole paths (res blocks, samplers,
+    top level) and attention-block prefixes (``down_blocks_1_attentions_0_`` -> ``input_blocks_4_1_``)."""
+    whole, prefixes = {}, {}
+    # inner 2 first: an SDXL up level with attention (all that have an upsampler) keeps it at .2.conv
+    heads = [
+        f"{kind}.{block}.{inner}" for kind in ("input_blocks", "output_blocks") for block in range(12) for inner in (2, 1, 0)
+    ]
+    heads += [f"middle_block.{inner}" for inner in range(3)]
+    for head in heads:
+        for rest in (*RESNET_PARTS, "op", "conv"):
+            diffusers = ldm_to_diffusers(f"{head}.{rest}")
+            if diffusers is not None:
+                whole.setdefault(diffusers.replace(".", "_"), f"{head}.{rest}".replace(".", "_"))
+        diffusers = ldm_to_diffusers(f"{head}.MARK")
+        if diffusers is not None and diffusers.endswith(".MARK") and "attentions" in diffusers:
+            prefixes[diffusers[: -len("MARK")].replace(".", "_")] = f"{head}.".replace(".", "_")
+    for ldm in TOP_LEVEL:
+        whole[ldm_to_diffusers(ldm).replace(".", "_")] = ldm.replace(".", "_")
+    return whole, prefixes
 
 
 def _refuse_split_layouts(inputs: list[LoraInput], groups: dict[str, ModuleGroup]) -> None:

@@ -42,6 +42,7 @@ from .merge_inputs import (
     LoraInput,
     MergeInput,
     ModuleGroup,
+    diffusers_path_as_ldm,
     dotted_path,
     family_title,
     group_modules,
@@ -261,25 +262,16 @@ def output_name(group: ModuleGroup, family: str, fmt: str) -> tuple[str, LoraSty
     part, _, path = group.key.partition(":")
     if family in KOHYA_NAMED and style.down == ".lora_down.weight":
         if family == "sdxl" and part == "unet":
-            # SDXL kohya files name the UNet by its sgm path, the spelling A1111 maps without its
-            # upsampler bug; keep an input's sgm spelling where one has it.
-            for spelling in group.spellings:
-                own = _normalised_path(spelling)
-                if own != path and own.startswith(("input_blocks_", "output_blocks_", "middle_block_")):
-                    path = own
-                    break
+            # SDXL kohya files name the UNet by its sgm path: the spelling diffusers' SDXL
+            # converter reads for every module (label_emb too) and A1111 maps without its
+            # upsampler bug.
+            path = diffusers_path_as_ldm(path) or path
         return KOHYA_PREFIXES.get(family, DEFAULT_KOHYA_PREFIXES).get(part, "lora_unet_") + path, style
     dotted = next((d for d in map(dotted_path, group.spellings) if d is not None), None)
     if dotted is None or part != "unet":
         return DEFAULT_KOHYA_PREFIXES.get(part, "lora_unet_") + path, COMFY_KOHYA
     prefix = "transformer." if fmt == "diffusers" else "diffusion_model."
     return prefix + dotted, style
-
-
-def _normalised_path(name: str) -> str:
-    from ..lora_input import normalise
-
-    return normalise(name).partition(":")[2]
 
 
 def _choose_ranks(merged: list[_Merged], opts: MergeOptions, family, fmt, dtype, report: Report, inputs) -> dict:
