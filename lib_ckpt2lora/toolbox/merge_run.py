@@ -250,7 +250,7 @@ def _merge_group(group: ModuleGroup, inputs, family, fmt, opts, device, generato
                 value = getattr(term, attr)
                 if value is not None:
                     setattr(term, attr, value.to(device))
-        cap = max(opts.rank, opts.rank_max)
+        cap = opts.rank if opts.rank > 0 else opts.rank_max  # only the singular triplets a rank can use
         item.spectrum = merge_terms(terms, cap, generator)
     return item
 
