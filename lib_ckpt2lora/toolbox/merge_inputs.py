@@ -106,6 +106,13 @@ class LoraInput:
         self.family = lora_family(self.file, self.modules)
         self.dtypes = {self.file.infos[key].dtype for m in self.modules.values() for r, key in m.tensors.items() if r != "alpha"}
 
+    def header_shape(self, module: LoraModule) -> tuple[int, ...] | None:
+        """The weight shape a plain up/down module changes, from the header alone (None otherwise)."""
+        if set(module.tensors) - {"alpha"} != {"up", "down"}:
+            return None
+        up, down = self.file.infos[module.tensors["up"]].shape, self.file.infos[module.tensors["down"]].shape
+        return (up[0], *down[1:])
+
     def terms(self, module: LoraModule) -> tuple[Term | None, torch.Tensor | None, tuple[int, ...]]:
         """The module's weight term (loader scale folded), its bias delta, and the weight's shape."""
         tensors = {role: self.file.get(key) for role, key in module.tensors.items()}
@@ -188,7 +195,20 @@ def group_modules(inputs: list[LoraInput]) -> list[ModuleGroup]:
             group.spellings.append(module.name)
             group.members.append((index, module))
     _refuse_split_layouts(inputs, groups)
+    for group in groups.values():  # from the headers, before any tensor is read
+        shapes = [(inputs[i].name, inputs[i].header_shape(m)) for i, m in group.members]
+        shapes = [(name, shape) for name, shape in shapes if shape is not None]
+        for name, shape in shapes[1:]:
+            if shape != shapes[0][1]:
+                raise UserError(
+                    f"Module {group.spellings[0]} changes a {_dims(shape)} weight in {name} but a {_dims(shapes[0][1])} one "
+                    f"in {shapes[0][0]}; these LoRAs are for different models."
+                )
     return list(groups.values())
+
+
+def _dims(shape) -> str:
+    return "x".join(str(d) for d in shape)
 
 
 def ldm_path_as_diffusers(path: str) -> str | None:
