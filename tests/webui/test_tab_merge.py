@@ -120,3 +120,24 @@ def test_output_name_follows_the_loras_until_typed():
     assert merge_job.default_merge_name(["sub/a.safetensors", "b.safetensors"]) == "merged_a_b"
     assert merge_job.parse_weights("", 3) == [1.0, 1.0, 1.0]
     assert merge_job.parse_weights("0.5; -0.7", 2) == [0.5, -0.7]
+
+
+def test_merge_inside_the_webui_with_its_task_id_and_lora_list(webui):
+    """The (stub) WebUI host: its Lora list, its queue and progress (the task id input)."""
+    import networks
+
+    from lib_ckpt2lora.ui.tab import build_tab
+    from lib_ckpt2lora.ui.webui_services import WebUIServices
+
+    write_lora(webui.loras / "a.safetensors", seed=1)
+    write_lora(webui.loras / "b.safetensors", seed=2)
+    networks.list_available_networks()
+    blocks = build_tab(WebUIServices())
+    services = blocks.ckpt2lora.services
+    assert {"a", "b"} <= set(services.list_loras())
+    values = dict(vars(MergeForm()))
+    values.update(loras=["a", "b"], weights="1, 0.5", name="ab", rank=4)
+    data = run_event(blocks, blocks.ckpt2lora.merge.events.handler, ["task(merge)"] + [values[f] for f in MERGE_FIELDS])
+    assert "Saved the LoRA" in data[-1], data[-1]
+    assert (webui.loras / "ab.safetensors").is_file() and (webui.loras / "ab.json").is_file()
+    assert "ab" in services.list_loras()  # the Lora list was refreshed
