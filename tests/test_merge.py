@@ -263,9 +263,11 @@ def test_bad_weight_is_one_sentence(text):
 def _refused(tmp_path, capsys, args, *words):
     out = tmp_path / "merged.safetensors"
     rc = main(["--merge", *args, "--out", str(out)])
-    err = capsys.readouterr().err.strip()
+    *announced, err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2, err
-    assert err.startswith("ckpt2lora: ") and "\n" not in err and "Traceback" not in err
+    # the one sentence, after at most the run's opening line (refusals from the headers come before it)
+    assert err.startswith("ckpt2lora: ") and "Traceback" not in err
+    assert len(announced) <= 1 and all(line.startswith(("Merge of", "Resize of")) for line in announced), announced
     for word in words:
         assert word in err, err
     return out
@@ -291,6 +293,15 @@ def test_damaged_file_is_refused(tmp_path, capsys):
     damaged = tmp_path / "damaged.safetensors"
     damaged.write_bytes(data[: len(data) // 2])
     out = _refused(tmp_path, capsys, [str(good), str(damaged)], "damaged.safetensors")
+    assert not out.exists()
+
+
+def test_nan_in_a_lora_is_refused(tmp_path, capsys):
+    good = write_input(tmp_path / "good.safetensors", seed=0, rank=4)
+    lora = load_file(str(good))
+    lora[MODULES[0] + ".lora_up.weight"][0, 0] = float("nan")
+    bad = save_lora(lora, tmp_path / "nan.safetensors")
+    out = _refused(tmp_path, capsys, [str(good), str(bad)], "NaN", "nan.safetensors")
     assert not out.exists()
 
 

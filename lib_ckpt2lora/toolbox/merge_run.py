@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import math
 import re
 import sys
 from collections.abc import Callable
@@ -252,6 +253,11 @@ def _merge_group(group: ModuleGroup, inputs, family, fmt, opts, device, generato
                     setattr(term, attr, value.to(device))
         cap = opts.rank if opts.rank > 0 else opts.rank_max  # only the singular triplets a rank can use
         item.spectrum = merge_terms(terms, cap, generator)
+        if not math.isfinite(item.spectrum.total_energy):
+            names = ", ".join(inputs[index].name for index, _ in group.members)
+            raise UserError(
+                f"Module {group.spellings[0]} holds NaN or Inf (in {names}), so a file is damaged; nothing was written."
+            )
     return item
 
 
