@@ -348,3 +348,25 @@ def test_merge_needs_no_base_but_extraction_still_does(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--merge", str(good), "--base", "b.safetensors", "--out", str(tmp_path / "o.safetensors")])
     assert "drop --base" in capsys.readouterr().err
+
+
+def test_flux_layouts_keep_theirs_and_do_not_mix(tmp_path, capsys):
+    gen = torch.Generator().manual_seed(9)
+
+    def lora(names, path, style):
+        down_key, up_key = (".lora_down.weight", ".lora_up.weight") if style == "kohya" else (".lora_A.weight", ".lora_B.weight")
+        tensors = {}
+        for name in names:
+            tensors[name + down_key] = torch.randn(2, 64, generator=gen)
+            tensors[name + up_key] = torch.randn(64, 2, generator=gen)
+        return save_lora(tensors, tmp_path / path)
+
+    diffusers_names = ["transformer.transformer_blocks.0.attn.to_q", "transformer.single_transformer_blocks.0.proj_out"]
+    a = lora(diffusers_names, "a.safetensors", "peft")
+    b = lora(diffusers_names, "b.safetensors", "peft")
+    rc, out = merge(tmp_path, str(a), str(b), "--rank", "4")
+    assert rc == 0
+    assert {k.rsplit(".", 2)[0] for k in load_file(str(out))} == set(diffusers_names)  # diffusers format, not kohya
+    bfl = lora(["lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear2"], "bfl.safetensors", "kohya")
+    out.unlink()
+    _refused(tmp_path, capsys, [str(bfl), str(a)], "BFL layout", "diffusers layout")

@@ -194,7 +194,7 @@ def group_modules(inputs: list[LoraInput]) -> list[ModuleGroup]:
             group = groups.setdefault(key, ModuleGroup(key, part))
             group.spellings.append(module.name)
             group.members.append((index, module))
-    _refuse_split_layouts(inputs, groups)
+    flux_layout(inputs, list(groups.values()))
     for group in groups.values():  # from the headers, before any tensor is read
         shapes = [(inputs[i].name, inputs[i].header_shape(m)) for i, m in group.members]
         shapes = [(name, shape) for name, shape in shapes if shape is not None]
@@ -264,25 +264,27 @@ def _ldm_inverse() -> tuple[dict[str, str], dict[str, str]]:
     return whole, prefixes
 
 
-def _refuse_split_layouts(inputs: list[LoraInput], groups: dict[str, ModuleGroup]) -> None:
+def flux_layout(inputs: list[LoraInput], groups) -> str | None:
     """Flux-style families name one weight two ways that split it differently (BFL's fused
-    ``double_blocks_N_img_attn_qkv`` vs diffusers' ``transformer_blocks_N_attn_to_q``)."""
+    ``double_blocks_N_img_attn_qkv``, kohya/ComfyUI, vs diffusers' ``transformer_blocks_N_attn_to_q``):
+    the one layout the inputs use ("bfl" or "diffusers"), None for other families; two is refused."""
     if inputs[0].family not in ("flux", "chroma"):
-        return
-    layouts = {}
-    for group in groups.values():
+        return None
+    layouts: dict[str, str] = {}
+    for group in groups:
         path = group.key.partition(":")[2]
         for index, _ in group.members:
             if path.startswith(("double_blocks_", "single_blocks_")):
-                layouts.setdefault("BFL (kohya/ComfyUI)", inputs[index].name)
+                layouts.setdefault("bfl", inputs[index].name)
             elif path.startswith(("transformer_blocks_", "single_transformer_blocks_")):
                 layouts.setdefault("diffusers", inputs[index].name)
     if len(layouts) > 1:
-        (first, a), (second, b) = list(layouts.items())[:2]
         raise UserError(
-            f"{a} names Flux modules in the {first} layout and {b} in the {second} layout, which split q/k/v "
-            "differently; convert one of them to the other's layout first (ckpt2lora does not merge across layouts yet)."
+            f"{layouts['bfl']} names Flux modules in the BFL layout (kohya/ComfyUI) and {layouts['diffusers']} in the "
+            "diffusers layout, which split q/k/v differently; convert one of them to the other's layout first "
+            "(ckpt2lora does not merge across layouts yet)."
         )
+    return next(iter(layouts), None)
 
 
 def dotted_path(name: str) -> str | None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
-import math
 import re
 import sys
 from collections.abc import Callable
@@ -46,6 +45,7 @@ from .merge_inputs import (
     diffusers_path_as_ldm,
     dotted_path,
     family_title,
+    flux_layout,
     group_modules,
     parse_merge_input,
 )
@@ -167,6 +167,14 @@ def merge_loras(
         fmt = _resolve_format(arch_cls, opts.format)
         dtype = _save_dtype(opts.save_dtype, inputs)
         groups = group_modules(inputs)
+        if flux_layout(inputs, groups) == "diffusers" and fmt != "diffusers":
+            # kohya Flux names are BFL's fused modules: diffusers-layout modules keep their layout
+            if opts.format not in ("auto", "neo", ""):
+                raise UserError(
+                    f"These Flux LoRAs use the diffusers layout (q/k/v apart), which --format {opts.format} cannot "
+                    "name; use --format diffusers (or auto)."
+                )
+            fmt = "diffusers"
         what = "Resize" if len(inputs) == 1 else "Merge"
         log(f"{what} of {len(inputs)} {family_title(family)} LoRA(s), {len(groups)} modules, format {fmt}.")
         report = Report(
@@ -252,12 +260,13 @@ def _merge_group(group: ModuleGroup, inputs, family, fmt, opts, device, generato
                 if value is not None:
                     setattr(term, attr, value.to(device))
         cap = opts.rank if opts.rank > 0 else opts.rank_max  # only the singular triplets a rank can use
-        item.spectrum = merge_terms(terms, cap, generator)
-        if not math.isfinite(item.spectrum.total_energy):
+        parts = [t for term in terms for t in (term.up, term.down, term.dense) if t is not None]
+        if not all(bool(torch.isfinite(t).all()) for t in parts):
             names = ", ".join(inputs[index].name for index, _ in group.members)
             raise UserError(
                 f"Module {group.spellings[0]} holds NaN or Inf (in {names}), so a file is damaged; nothing was written."
             )
+        item.spectrum = merge_terms(terms, cap, generator)
     return item
 
 
