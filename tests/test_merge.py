@@ -370,3 +370,21 @@ def test_flux_layouts_keep_theirs_and_do_not_mix(tmp_path, capsys):
     bfl = lora(["lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear2"], "bfl.safetensors", "kohya")
     out.unlink()
     _refused(tmp_path, capsys, [str(bfl), str(a)], "BFL layout", "diffusers layout")
+
+
+def test_sdxl_te2_attention_groups_are_completed_for_a1111(tmp_path):
+    """A1111 applies a te2 attention layer's LoRA only when q, k, v and out all exist."""
+    gen = torch.Generator().manual_seed(11)
+    head = "lora_te2_text_model_encoder_layers_0_self_attn_"
+    tensors = {}
+    for member in ("q", "k"):
+        tensors[f"{head}{member}_proj.lora_down.weight"] = torch.randn(2, 64, generator=gen)
+        tensors[f"{head}{member}_proj.lora_up.weight"] = torch.randn(64, 2, generator=gen)
+        tensors[f"{head}{member}_proj.alpha"] = torch.tensor(2.0)
+    source = save_lora(tensors, tmp_path / "te2.safetensors", metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+    rc, out = merge(tmp_path, str(source), "--rank", "2")
+    assert rc == 0
+    lora = load_file(str(out))
+    for member in ("v", "out"):
+        assert not lora[f"{head}{member}_proj.lora_up.weight"].any()
+    assert relative(applied(out)[head + "q_proj"], applied(source)[head + "q_proj"]) < 1e-3

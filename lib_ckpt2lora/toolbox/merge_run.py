@@ -28,7 +28,7 @@ from ..budget import BudgetTooSmall, Spectrum, allocate, format_size, largest_by
 from ..constants import TOOL_NAME, VERSION
 from ..devices import resolve_device
 from ..errors import Cancelled, UserError
-from ..lora_format import lora_tensors, shared_alpha
+from ..lora_format import WHOLE_GROUP, WHOLE_GROUP_MEMBERS, lora_tensors, shared_alpha
 from ..metadata import ADAPTER_METADATA_KEY, adapter_config
 from ..options import BUDGET_OBJECTIVES, FORMATS, SAVE_DTYPES
 from ..planning import Unit
@@ -192,6 +192,8 @@ def merge_loras(
             if progress is not None:
                 progress(done + 1, len(groups), merged[-1].name)
         tensors = _choose_ranks(merged, opts, family, fmt, dtype, report, inputs)
+        if family == "sdxl":
+            tensors = _complete_te2_attention(tensors, merged, opts, dtype, report)
         if not any(record.rank for record in report.layers) and not report.full_tensors:
             raise UserError("The merged LoRAs cancel out in every module (all-zero sum); nothing was written.")
         metadata = merge_metadata(arch_cls, fmt, opts, inputs, tensors)
@@ -320,6 +322,33 @@ def _choose_ranks(merged: list[_Merged], opts: MergeOptions, family, fmt, dtype,
             report.add(record_for(item.name, item.group.key, merge_group_of(item.group), item.shape, 0, 0.0, 0.0, 1.0, 0.0))
         if item.bias is not None:
             tensors[item.name + ".diff_b"] = item.bias.to(dtype).contiguous()
+    return tensors
+
+
+def _complete_te2_attention(tensors: dict, merged: list[_Merged], opts: MergeOptions, dtype, report: Report) -> dict:
+    """A1111 applies an SDXL te2 attention LoRA only when q, k, v and out all exist for the
+    layer (lora_format.WHOLE_GROUP): add a zero rank-1 member where the inputs left one out.
+    The four are square (width x width), so a present member gives the missing one's shape."""
+    present: dict[str, dict[str, _Merged]] = {}
+    for item in merged:
+        match = WHOLE_GROUP.match(item.name)
+        if match and item.name + item.style.down in tensors:
+            present.setdefault(match.group(1), {})[match.group(2)] = item
+    filled = []
+    for prefix, members in present.items():
+        some = next(iter(members.values()))
+        for member in WHOLE_GROUP_MEMBERS:
+            if member not in members:
+                name = f"{prefix}{member}_proj"
+                unit = Unit((name,), name, some.shape)
+                zeros = torch.zeros(some.shape[0], 1), torch.zeros(1, some.shape[1])
+                tensors.update(lora_tensors(unit, some.style, *zeros, 1, dtype, shared_alpha(opts)))
+                filled.append(name)
+    if filled:
+        report.warnings.append(
+            f"The LoRA holds {len(filled)} zero text-encoder-2 attention module(s) ({', '.join(filled[:3])}"
+            f"{', ...' if len(filled) > 3 else ''}): A1111 applies a layer's q/k/v/out only when all four exist."
+        )
     return tensors
 
 
