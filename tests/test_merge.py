@@ -388,3 +388,41 @@ def test_sdxl_te2_attention_groups_are_completed_for_a1111(tmp_path):
     for member in ("v", "out"):
         assert not lora[f"{head}{member}_proj.lora_up.weight"].any()
     assert relative(applied(out)[head + "q_proj"], applied(source)[head + "q_proj"]) < 1e-3
+
+
+@pytest.mark.parametrize(
+    "shapes, metadata, family",
+    [
+        (
+            {"lora_unet_double_blocks_0_img_attn_proj": (3072, 3072), "lora_unet_double_blocks_0_img_mlp_0": (12288, 3072)},
+            {},
+            "flux",
+        ),
+        (
+            {"lora_unet_double_blocks_0_img_attn_proj": (3072, 3072), "lora_unet_double_blocks_0_img_mlp_0": (18432, 3072)},
+            {},
+            "flux2",
+        ),
+        ({"lora_unet_double_blocks_0_img_attn_proj": (4096, 4096)}, {}, "flux2"),
+        ({"lora_unet_double_stream_modulation_img_lin": (18432, 3072)}, {}, "generic"),  # no block: not told
+        ({"transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj": (27648, 3072)}, {}, "flux2"),
+        ({"lora_unet_double_blocks_0_img_attn_proj": (3072, 3072)}, {"modelspec.architecture": "Flux.2-klein-4b/lora"}, "flux2"),
+        ({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k": (320, 768)}, {}, "sd15"),
+        ({"lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k": (640, 2048)}, {}, "sdxl"),
+        ({"diffusion_model.layers.0.attention.to_q": (3840, 3840)}, {}, "zimage"),
+        ({"diffusion_model.layers.0.attention.to_q": (2304, 2304)}, {}, "lumina2"),
+        ({"transformer.transformer_blocks.0.img_mlp.net.0.proj": (12288, 3072)}, {}, "qwen_image"),
+    ],
+)
+def test_family_from_names_shapes_or_header(tmp_path, shapes, metadata, family):
+    from lib_ckpt2lora.lora_input import parse_modules
+    from lib_ckpt2lora.reading import TensorFile
+    from lib_ckpt2lora.toolbox.merge_inputs import lora_family
+
+    tensors = {}
+    for name, (rows, cols) in shapes.items():
+        tensors[name + ".lora_down.weight"] = torch.zeros(1, cols, dtype=torch.bfloat16)
+        tensors[name + ".lora_up.weight"] = torch.zeros(rows, 1, dtype=torch.bfloat16)
+    path = save_lora(tensors, tmp_path / "lora.safetensors", metadata=metadata or None)
+    with TensorFile(path, "LoRA") as file:
+        assert lora_family(file, parse_modules(file)) == family

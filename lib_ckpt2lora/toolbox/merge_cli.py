@@ -9,6 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
+from ..budget import format_size
 from ..errors import Cancelled, UserError
 
 # Extraction flags that mean nothing for a merge: refused rather than silently ignored.
@@ -64,7 +65,7 @@ def run_merge(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.report_json:
         Path(args.report_json).write_text(json.dumps(report.to_dict(), indent=1))
     for path in result.outputs:
-        print(f"Saved {path} ({path.stat().st_size / 2**20:.1f} MiB, {len(report.layers)} LoRA layers).")
+        print(f"Saved {path} ({format_size(path.stat().st_size)}, {len(report.layers)} LoRA layers).")
     for line in report.budget_lines():
         print(line)
     if report.loads_in:

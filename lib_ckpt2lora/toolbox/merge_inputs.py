@@ -41,6 +41,8 @@ HEADER_HINTS = (
     ("sdxl", "sdxl"),
     ("stable-diffusion-v1", "sd15"),
     ("sd_v1", "sd15"),
+    ("flux.2", "flux2"),
+    ("flux2", "flux2"),
     ("flux", "flux"),
     ("chroma", "chroma"),
     ("z-image", "zimage"),
@@ -156,7 +158,21 @@ def lora_family(file: TensorFile, modules: dict[str, LoraModule]) -> str:
                 return file.infos[module.tensors["down"]].shape[1]
         return None
 
+    def rows(pattern: str) -> int | None:  # a matching module's output rows (up's rows)
+        for module in modules.values():
+            if re.search(pattern, normalise(module.name)) and "up" in module.tensors:
+                return file.infos[module.tensors["up"]].shape[0]
+        return None
+
     if any(p.startswith(("double_blocks_", "single_blocks_", "single_transformer_blocks_")) for p in paths):
+        if any(p.startswith(("double_stream_modulation", "single_stream_modulation")) or "to_qkv_mlp_proj" in p for p in paths):
+            return "flux2"
+        # Flux.2 (architectures/flux2.py): 3072/4096/6144 wide, SwiGLU img_mlp.0 of 6 x width rows
+        # (Flux.1: 3072 wide, 4 x width)
+        hidden = width(r"(img_attn_proj|attn_to_out_0)$")
+        mlp_rows = rows(r"(img_mlp_0|ff_net_0_proj)$")
+        if hidden in (4096, 6144) or (hidden and mlp_rows == 6 * hidden):
+            return "flux2"
         return "chroma" if any("distilled_guidance" in p for p in paths) else "flux"
     if any(re.match(r"transformer_blocks_\d+_(img|txt)_(mlp|mod)", p) for p in paths):
         return "qwen_image"
@@ -268,7 +284,7 @@ def flux_layout(inputs: list[LoraInput], groups) -> str | None:
     """Flux-style families name one weight two ways that split it differently (BFL's fused
     ``double_blocks_N_img_attn_qkv``, kohya/ComfyUI, vs diffusers' ``transformer_blocks_N_attn_to_q``):
     the one layout the inputs use ("bfl" or "diffusers"), None for other families; two is refused."""
-    if inputs[0].family not in ("flux", "chroma"):
+    if inputs[0].family not in ("flux", "flux2", "chroma"):
         return None
     layouts: dict[str, str] = {}
     for group in groups:

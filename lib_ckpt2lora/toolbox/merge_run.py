@@ -56,7 +56,7 @@ KOHYA_PREFIXES = {
     "sdxl": {"unet": "lora_unet_", "te": "lora_te1_", "te2": "lora_te2_"},
 }
 DEFAULT_KOHYA_PREFIXES = {"unet": "lora_unet_", "te": "lora_te_", "te2": "lora_te2_"}
-KOHYA_NAMED = ("sd15", "sdxl", "flux", "chroma")
+KOHYA_NAMED = ("sd15", "sdxl", "flux", "flux2", "chroma")
 # A module of a dotted-name family that no input spells with dots: ComfyUI and Forge map
 # ``lora_unet_<path with _>`` onto every diffusion-model weight; alpha = rank (scale 1).
 COMFY_KOHYA = LoraStyle(".lora_down.weight", ".lora_up.weight", alpha="own")
