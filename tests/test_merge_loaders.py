@@ -141,3 +141,57 @@ def test_zimage_merge_through_comfyui_key_map(zimage_merge):
         change = (value - model_state[key]).norm()
         error = (got[key] - value).norm()
         assert error <= 1e-3 * max(float(change), 1e-12) or (change == 0 and error == 0), key
+
+
+def zimage_original_lora(model, seed: int, rank: int = 2):
+    """A LoRA in Z-Image's original layout (ComfyUI): ``diffusion_model.<original name>``, q|k|v as
+    ONE ``attention.qkv`` module (shared down, up stacked by rows), ``attention.out``, ``x_embedder``."""
+    from lib_ckpt2lora.architectures.zimage import original_name
+
+    gen = torch.Generator().manual_seed(seed)
+    layers = dict(model.components["transformer"].named_modules())
+    tensors, truth = {}, {}
+    for path, layer in layers.items():
+        if not isinstance(layer, torch.nn.Linear) or path.endswith((".attention.to_k", ".attention.to_v")):
+            continue
+        down = 0.2 * torch.randn(rank, layer.in_features, generator=gen)
+        if path.endswith(".attention.to_q"):
+            block = path[: -len("to_q")]
+            parts = [0.2 * torch.randn(layers[block + f"to_{n}"].out_features, rank, generator=gen) for n in "qkv"]
+            name, up = original_name(block[:-1]) + ".qkv", torch.cat(parts)
+            for n, part in zip("qkv", parts):
+                truth[f"{block}to_{n}.weight"] = part @ down
+        else:
+            up = 0.2 * torch.randn(layer.out_features, rank, generator=gen)
+            name = original_name(path)
+            truth[path + ".weight"] = up @ down
+        tensors[f"diffusion_model.{name}.lora_A.weight"], tensors[f"diffusion_model.{name}.lora_B.weight"] = down, up
+    return tensors, truth
+
+
+def test_zimage_original_and_diffusers_layouts_meet(tmp_path):
+    """ComfyUI's original names (fused qkv, attention.out, x_embedder) and diffusers' names of one
+    weight are merged as one module, written in the default (diffusers-named) format, exact."""
+    model = tm.zimage_model(0)
+    original, truth_a = zimage_original_lora(model, seed=300)
+    assert any(k.endswith("attention.qkv.lora_B.weight") for k in original)
+    split, truth_b = zimage_lora(model, "transformer.", seed=301)
+    a = save_lora(original, tmp_path / "original.safetensors")
+    b = save_lora(split, tmp_path / "split.safetensors")
+    out = tmp_path / "merged.safetensors"
+    assert main(["--merge", f"{a}:0.5", f"{b}:-0.7", "--out", str(out), "--rank", "8", "--save-dtype", "fp32"]) == 0
+    truth = {k: 0.5 * truth_a[k] - 0.7 * truth_b[k] for k in truth_b}
+    assert set(truth_a) == set(truth_b)
+    lora = load_file(str(out))
+    assert len(module_names(lora)) == len(truth) and not any(".qkv" in k for k in lora)
+    base = model.states()["transformer"]
+    variant = {k: v + truth[k] if k in truth else v for k, v in base.items()}
+    assert_reproduces(fused_zimage(base, out), variant, base, keys=list(truth))
+    model_state = neo_state({"transformer": base})  # and ComfyUI's key map uses every key
+    patches, unused = load_lora(lora, lora_key_map(model_state))
+    assert not unused, sorted(unused)[:5]
+    got, expected = (
+        patched(model_state, add_patches(patches, model_state, one_per_key=False)),
+        neo_state({"transformer": variant}),
+    )
+    assert all(float((got[k] - v).norm()) <= 1e-3 * max(float((v - model_state[k]).norm()), 1e-12) for k, v in expected.items())

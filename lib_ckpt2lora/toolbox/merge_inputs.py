@@ -29,6 +29,7 @@ import torch
 from ..architectures import DETECTION_ORDER, Architecture
 from ..architectures.generic import Generic
 from ..architectures.sd_unet_names import RESNET_PARTS, TOP_LEVEL, ldm_to_diffusers
+from ..architectures.zimage import RENAMES as ZIMAGE_RENAMES
 from ..errors import UserError
 from ..lora_input import PREFIXES, LoraModule, adapter_config_alphas, dense_delta, is_lora_file, normalise, parse_modules
 from ..reading import TensorFile
@@ -79,6 +80,13 @@ def parse_merge_input(text: str) -> MergeInput:
 
 
 @dataclass
+class ModuleRows(LoraModule):
+    """A row range of a fused module's up: one part of it (Z-Image's qkv -> to_q, to_k, to_v)."""
+
+    rows: tuple[int, int] | None = None
+
+
+@dataclass
 class ModuleGroup:
     """One weight's modules across the inputs."""
 
@@ -113,7 +121,8 @@ class LoraInput:
         if set(module.tensors) - {"alpha"} != {"up", "down"}:
             return None
         up, down = self.file.infos[module.tensors["up"]].shape, self.file.infos[module.tensors["down"]].shape
-        return (up[0], *down[1:])
+        rows = getattr(module, "rows", None)
+        return (rows[1] - rows[0] if rows else up[0], *down[1:])
 
     def terms(self, module: LoraModule) -> tuple[Term | None, torch.Tensor | None, tuple[int, ...]]:
         """The module's weight term (loader scale folded), its bias delta, and the weight's shape."""
@@ -129,8 +138,13 @@ class LoraInput:
             up, down = tensors["up"].float(), tensors["down"].float()
             rank = down.shape[0]
             scale = float(tensors["alpha"]) / rank if "alpha" in tensors else 1.0
+            up = up.flatten(1)
+            rows = getattr(module, "rows", None)
+            if rows:  # one part of a fused module: its rows of up, the whole down (exact)
+                up = up[rows[0] : rows[1]]
+                bias = bias[rows[0] : rows[1]] if bias is not None else None
             shape = (up.shape[0], *down.shape[1:])
-            return Term(self.weight, up=up.flatten(1) * scale, down=down.flatten(1)), bias, shape
+            return Term(self.weight, up=up * scale, down=down.flatten(1)), bias, shape
         try:
             dense = dense_delta(module.name, {role: t.float() for role, t in tensors.items()})
         except RuntimeError as error:  # factors whose shapes do not chain
@@ -196,20 +210,21 @@ def group_modules(inputs: list[LoraInput]) -> list[ModuleGroup]:
     groups: dict[str, ModuleGroup] = {}
     for index, lora in enumerate(inputs):
         seen: dict[str, str] = {}
-        for module in lora.modules.values():
-            part, _, path = normalise(module.name).partition(":")
-            if part == "unet" and lora.family in ("sd15", "sdxl"):
-                path = ldm_path_as_diffusers(path) or path
-            key = f"{part}:{path}"
-            if key in seen:
-                raise UserError(
-                    f"{lora.name} holds two modules for one weight ({seen[key]} and {module.name}); "
-                    "the file mixes spellings, merge it from a clean copy."
-                )
-            seen[key] = module.name
-            group = groups.setdefault(key, ModuleGroup(key, part))
-            group.spellings.append(module.name)
-            group.members.append((index, module))
+        for original in lora.modules.values():
+            for module in _zimage_diffusers_parts(lora, original) if lora.family == "zimage" else [original]:
+                part, _, path = normalise(module.name).partition(":")
+                if part == "unet" and lora.family in ("sd15", "sdxl"):
+                    path = ldm_path_as_diffusers(path) or path
+                key = f"{part}:{path}"
+                if key in seen:
+                    raise UserError(
+                        f"{lora.name} holds two modules for one weight ({seen[key]} and {module.name}); "
+                        "the file mixes spellings, merge it from a clean copy."
+                    )
+                seen[key] = module.name
+                group = groups.setdefault(key, ModuleGroup(key, part))
+                group.spellings.append(module.name)
+                group.members.append((index, module))
     flux_layout(inputs, list(groups.values()))
     for group in groups.values():  # from the headers, before any tensor is read
         shapes = [(inputs[i].name, inputs[i].header_shape(m)) for i, m in group.members]
@@ -225,6 +240,33 @@ def group_modules(inputs: list[LoraInput]) -> list[ModuleGroup]:
 
 def _dims(shape) -> str:
     return "x".join(str(d) for d in shape)
+
+
+def _zimage_diffusers_parts(lora: LoraInput, module: LoraModule) -> list[LoraModule]:
+    """A Z-Image module spelled in the original layout (ComfyUI: ``attention.qkv``, ``attention.out``,
+    ``x_embedder``, ``final_layer``) under its diffusers name(s), so both layouts of one weight meet;
+    a fused ``qkv`` becomes its three row thirds (exact: up split by rows, down shared). Only dotted
+    spellings: a kohya ``lora_unet_`` name must keep the original path ComfyUI maps it by."""
+    dotted = dotted_path(module.name)
+    if dotted is None:
+        return [module]
+    renamed = dotted + "."
+    for old, new in ZIMAGE_RENAMES:
+        if old.startswith("."):
+            renamed = renamed.replace(old, new)
+        elif renamed.startswith(old):
+            renamed = new + renamed[len(old) :]
+    renamed = renamed[:-1]
+    head = module.name[: len(module.name) - len(dotted)]
+    if renamed.endswith(".attention.qkv") and set(module.tensors) - {"alpha"} == {"up", "down"}:
+        third = lora.file.infos[module.tensors["up"]].shape[0] // 3
+        block = renamed[: -len("qkv")]
+        return [
+            ModuleRows(f"{head}{block}to_{name}", module.tensors, (i * third, (i + 1) * third)) for i, name in enumerate("qkv")
+        ]
+    if renamed == dotted:
+        return [module]
+    return [LoraModule(head + renamed, module.tensors)]
 
 
 def ldm_path_as_diffusers(path: str) -> str | None:
@@ -305,11 +347,13 @@ def flux_layout(inputs: list[LoraInput], groups) -> str | None:
 
 def dotted_path(name: str) -> str | None:
     """A module name's path without its prefix when it is spelled with dots (peft, diffusers,
-    ComfyUI), which is what dotted output formats need; None for kohya underscore names."""
-    changed = True
+    ComfyUI: ``diffusion_model.x_embedder`` too), which is what dotted output formats need;
+    None for kohya underscore names."""
+    dotted_prefix, changed = False, True
     while changed:
         changed = False
         for prefix, _ in PREFIXES:
             if name.startswith(prefix):
                 name, changed = name[len(prefix) :], True
-    return name if "." in name else None
+                dotted_prefix = dotted_prefix or prefix.endswith(".")
+    return name if "." in name or dotted_prefix else None
