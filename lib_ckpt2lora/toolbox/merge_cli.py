@@ -13,7 +13,19 @@ from ..budget import format_size
 from ..errors import Cancelled, UserError
 
 # Extraction flags that mean nothing for a merge: refused rather than silently ignored.
-NOT_FOR_MERGE = ("base", "variant", "variant2", "checkpoint", "checkpoint_full", "detail", "union", "list_layers")
+NOT_FOR_MERGE = (
+    "base",
+    "variant",
+    "variant2",
+    "checkpoint",
+    "checkpoint_full",
+    "detail",
+    "union",
+    "list_layers",
+    "expert",
+    "base_low",
+    "variant_low",
+)
 
 
 def run_merge(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
