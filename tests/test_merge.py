@@ -412,6 +412,8 @@ def test_sdxl_te2_attention_groups_are_completed_for_a1111(tmp_path):
         ({"diffusion_model.layers.0.attention.to_q": (3840, 3840)}, {}, "zimage"),
         ({"diffusion_model.layers.0.attention.to_q": (2304, 2304)}, {}, "lumina2"),
         ({"transformer.transformer_blocks.0.img_mlp.net.0.proj": (12288, 3072)}, {}, "qwen_image"),
+        ({"diffusion_model.blocks.0.self_attn.q": (5120, 5120)}, {}, "wan"),
+        ({"lora_unet_blocks_0_cross_attn_k": (5120, 4096)}, {"ss_base_model_version": "wan"}, "wan"),
     ],
 )
 def test_family_from_names_shapes_or_header(tmp_path, shapes, metadata, family):

@@ -50,6 +50,7 @@ HEADER_HINTS = (
     ("z_image", "zimage"),
     ("qwen", "qwen_image"),
     ("lumina", "lumina2"),
+    ("wan", "wan"),
 )
 SD_UNET_HEADS = ("down_blocks_", "up_blocks_", "mid_block_", "input_blocks_", "output_blocks_", "middle_block_", "conv_in")
 _LDM_BLOCK = re.compile(r"^(input_blocks|output_blocks)_(\d+)_(\d+)_(.+)$")
@@ -192,6 +193,8 @@ def lora_family(file: TensorFile, modules: dict[str, LoraModule]) -> str:
         return "qwen_image"
     if any(re.match(r"(noise_refiner|context_refiner|layers)_\d+_(attention|feed_forward|adaLN)", p) for p in paths):
         return "lumina2" if width(r"_attention_") == 2304 else "zimage"
+    if any(re.match(r"blocks_\d+_(self_attn|cross_attn|ffn)_", p) for p in paths):  # Wan 2.1/2.2 (architectures/wan.py)
+        return "wan"
     if "te2" in parts or any(p.startswith(("label_emb", "add_embedding")) for p in paths):
         return "sdxl"
     if any(p.startswith(SD_UNET_HEADS) for p in paths) or "te" in parts:
