@@ -29,7 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog=_program_name(), description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--base", required=True, help="Base model safetensors path")
-    p.add_argument("--variant", required=True, help="Variant model safetensors or LoRA path")
+    p.add_argument(
+        "--variant",
+        required=True,
+        nargs="+",
+        help="Variant model safetensors or LoRA path; several (batch): one LoRA each, "
+        "<out>/<variant name>.safetensors, the base read once",
+    )
     p.add_argument(
         "--variant2", help="Second variant model or LoRA. Enables dual-variant extraction: common (default) or union (--union)."
     )
@@ -163,6 +169,12 @@ def options_from_args(args: argparse.Namespace) -> ExtractOptions:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if isinstance(args.variant, list):  # several: a batch (toolbox/batch.py); one: a plain run
+        if len(args.variant) > 1:
+            from .toolbox.batch import run_cli
+
+            return run_cli(args)
+        args.variant = args.variant[0]
     if args.out is None and not args.list_layers:
         parser.error("the following arguments are required: --out (or pass --list-layers for a dry run)")
     if args.list_layers:

@@ -1,0 +1,1 @@
+"""The LoRA toolbox: merge, resize and batch extraction (issue 20)."""
