@@ -53,14 +53,16 @@ def pairs(tmp_path_factory) -> dict[str, Path]:
     return files
 
 
-def single_runs(pairs, names, folder: Path, **settings) -> dict[str, tuple[object, dict]]:
+def single_runs(pairs, names, folder: Path, **settings) -> dict:
+    """name -> the ExtractResult of a plain run into ``folder/<name>.safetensors``."""
     folder.mkdir()
-    runs = {}
-    for name in names:
-        out = folder / f"{name}.safetensors"
-        result = extract(ExtractOptions(base=pairs["base"], variant=pairs[name], out=out, **settings), log=silent_log)
-        runs[name] = (result, load_file(str(out)))
-    return runs
+    return {
+        name: extract(
+            ExtractOptions(base=pairs["base"], variant=pairs[name], out=folder / f"{name}.safetensors", **settings),
+            log=silent_log,
+        )
+        for name in names
+    }
 
 
 @pytest.fixture
@@ -79,8 +81,8 @@ def count_reads(monkeypatch) -> Counter:
 
 @pytest.mark.parametrize(
     "settings",
-    [{}, {"rank": 24, "save_dtype": "fp32"}, {"target_size": "0.5MB"}],
-    ids=["rank-rule", "fixed-rank-fp32", "target-size"],
+    [{}, {"rank": 24, "save_dtype": "fp32"}, {"target_size": "0.5MB"}, {"rank": 8, "detail": True}],
+    ids=["rank-rule", "fixed-rank-fp32", "target-size", "detail"],
 )
 def test_each_output_equals_its_single_run_and_the_base_is_read_once(pairs, tmp_path, count_reads, settings):
     names = ["anime", "photo", "style_lora"]
@@ -98,14 +100,19 @@ def test_each_output_equals_its_single_run_and_the_base_is_read_once(pairs, tmp_
 
     singles = single_runs(pairs, names, tmp_path / "single", **settings)
     for name, outcome in zip(names, batch.outcomes):
-        assert outcome.out == batch_dir / f"{name}.safetensors" and outcome.result.outputs == [outcome.out]
-        got, (single, want) = load_file(str(outcome.out)), singles[name]
-        assert set(got) == set(want) and got
-        different = [key for key in want if not torch.equal(got[key], want[key])]
-        assert not different, f"{name}: {len(different)} tensors differ from the single run, e.g. {different[:3]}"
+        single = singles[name]
+        assert outcome.out == batch_dir / f"{name}.safetensors" and outcome.result.outputs[0] == outcome.out
+        assert [path.name for path in outcome.result.outputs] == [path.name for path in single.outputs]
+        for path in outcome.result.outputs:  # the LoRA (and with --detail its detail LoRA)
+            got, want = load_file(str(path)), load_file(str(tmp_path / "single" / path.name))
+            assert set(got) == set(want) and got
+            different = [key for key in want if not torch.equal(got[key], want[key])]
+            assert not different, f"{path.name}: {len(different)} tensors differ from the single run, e.g. {different[:3]}"
         ranks = {layer.name: layer.rank for layer in outcome.result.report.layers}
         assert ranks == {layer.name: layer.rank for layer in single.report.layers}
         assert len(set(ranks.values())) >= 1 and all(rank > 0 for rank in ranks.values())
+    if "detail" in settings:
+        assert all(len(outcome.result.outputs) == 2 for outcome in batch.outcomes)
     if "target_size" in settings:
         for outcome in batch.outcomes:  # the budget is each file's own
             assert 450_000 < outcome.out.stat().st_size <= 500_000

@@ -124,7 +124,8 @@ def extract_batch(
             f"<variant name>.safetensors), and {out_dir} is not one; create it first."
         )
     per_variant = [
-        dataclasses.replace(opts, variant=variant, out=out)
+        # detail_out (the tab's) would name one file for all: each detail LoRA goes beside its LoRA
+        dataclasses.replace(opts, variant=variant, out=out, detail_out=None, report_json=None)
         for variant, out in zip(variants, batch_outputs(variants, out_dir))
     ]
     refuse_in_batch(opts)
