@@ -8,12 +8,13 @@ gives the base and the first variant; each further variant is the same base plus
 delta with its rows rolled and its sign flipped (make_more_variants: the same spectra,
 other row spaces), so all variants derive from one base.
 
-Each configuration runs in a fresh subprocess (per-run peak RSS and CPU seconds), in
+Each configuration runs in a fresh subprocess (per-run peak memory and CPU seconds), in
 turn: (s) the N single CLI runs one after another, (b) one batch CLI run
 ``--variant V1 .. VN --out DIR/``. Reported side by side: wall seconds, CPU seconds
 (user + system: the machine may be shared, CPU time is the steadier figure), bytes the
 process read during the extraction (``rchar`` from /proc/self/io around the CLI call:
-Linux only) and peak RSS. Then (untimed) the batch outputs are compared with the single
+Linux only) and the peak anonymous memory (RssAnon, polled; not ru_maxrss, which Linux
+carries over from this parent process across exec). Then (untimed) the batch outputs are compared with the single
 runs' tensor by tensor. The files are read once first, so every run starts from the
 same warm page cache; ``uptime`` is printed before and after.
 """
@@ -158,15 +159,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"uptime after: {uptime()}")
 
     total = {key: sum(run[key] for run in single_runs) for key in ("wall_s", "cpu_s", "read_bytes")}
-    peak = max(run["peak_rss_mb"] for run in single_runs)
-    print(f"\n{'':28}{'wall s':>9}{'CPU s':>9}{'read GiB':>10}{'peak RSS MB':>13}")
+    # RssAnon polled in the child: its ru_maxrss starts at this parent's size (kept across exec).
+    peak = max(run["peak_anon_mb"] for run in single_runs)
+    print(f"\n{'':28}{'wall s':>9}{'CPU s':>9}{'read GiB':>10}{'peak anon MB':>14}")
     print(
         f"{f'{len(variants)} single runs (sum)':28}{total['wall_s']:9.1f}{total['cpu_s']:9.1f}"
-        f"{total['read_bytes'] / 2**30:10.2f}{peak:13.0f}"
+        f"{total['read_bytes'] / 2**30:10.2f}{peak:14.0f}"
     )
     print(
         f"{f'batch of {len(variants)}':28}{batch['wall_s']:9.1f}{batch['cpu_s']:9.1f}"
-        f"{batch['read_bytes'] / 2**30:10.2f}{batch['peak_rss_mb']:13.0f}"
+        f"{batch['read_bytes'] / 2**30:10.2f}{batch['peak_anon_mb']:14.0f}"
     )
     print(
         f"batch / singles: wall {batch['wall_s'] / total['wall_s']:.2f}x, CPU {batch['cpu_s'] / total['cpu_s']:.2f}x, "
