@@ -248,6 +248,8 @@ def run_cli(args) -> int:
             raise UserError("--list-layers reads one variant; give a single --variant with it.")
         if args.out is None:
             raise UserError("With several variants give the output folder with --out DIR.")
+        if getattr(args, "base_low", None) or getattr(args, "variant_low", None):
+            raise UserError("--base-low/--variant-low pair one Wan 2.2 fine-tune's experts; give a single --variant with them.")
         report_dir = Path(args.report_json) if args.report_json else None
         if report_dir is not None and not report_dir.is_dir():
             raise UserError(
