@@ -29,7 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog=_program_name(), description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--base", help="Base model safetensors path (required unless --merge)")
-    p.add_argument("--variant", help="Variant model safetensors or LoRA path (required unless --merge)")
+    p.add_argument(
+        "--variant",
+        nargs="+",
+        help="Variant model safetensors or LoRA path (required unless --merge); several (batch): one LoRA each, "
+        "<out>/<variant name>.safetensors, the base read once",
+    )
     p.add_argument(
         "--variant2", help="Second variant model or LoRA. Enables dual-variant extraction: common (default) or union (--union)."
     )
@@ -176,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
         return run_merge(parser, args)
     if args.base is None or args.variant is None:
         parser.error("the following arguments are required: --base and --variant (or --merge LORA ...)")
+    if len(args.variant) > 1:  # a batch (toolbox/batch.py): one LoRA per variant, the base read once
+        from .toolbox.batch import run_cli
+
+        return run_cli(args)
+    args.variant = args.variant[0]
     if args.out is None and not args.list_layers:
         parser.error("the following arguments are required: --out (or pass --list-layers for a dry run)")
     if args.list_layers:

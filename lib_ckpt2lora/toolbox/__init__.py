@@ -1,1 +1,1 @@
-"""The LoRA toolbox: what model makers do with LoRAs besides extracting them (merge, resize, batch)."""
+"""The LoRA toolbox: what model makers do with LoRAs besides extracting one (merge, resize, batch)."""
