@@ -3,13 +3,17 @@
 At most ``depth`` items are alive at once, counting the one being computed: the
 reader takes a permit before it reads an item and the consumer returns it when it
 moves on, so memory stays bounded by ``depth`` items whatever the model's size.
-Closing the iterator (an error, Ctrl-C, a cancel) stops the reader promptly.
+Closing the iterator (an error, Ctrl-C, a cancel) stops the reader and waits for it:
+a reader thread still inside torch when the interpreter exits can abort the process
+("terminate called without an active exception"), and in a long-lived process (the
+WebUI) it would hold tensors and file reads after the run.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
@@ -17,6 +21,9 @@ T = TypeVar("T")
 R = TypeVar("R")
 _DONE = object()
 _POLL_SECONDS = 0.1
+# How long closing waits for the reader to finish the item it is reading: one tensor, so
+# seconds at worst on a slow disk; bounded so that a hung read cannot hang the caller.
+_JOIN_SECONDS = 120.0
 
 
 class _Failure:
@@ -57,4 +64,18 @@ def prefetched(items: Iterable[T], load: Callable[[T], R], depth: int = 2) -> It
             permits.release()
     finally:
         stop.set()
-        thread.join(timeout=5)
+        _join(thread)
+
+
+def _join(thread: threading.Thread) -> None:
+    """Wait for the reader even through Ctrl-C: a KeyboardInterrupt that lands in the
+    wait (a second press) is raised again only once the thread has ended."""
+    interrupted = None
+    deadline = time.monotonic() + _JOIN_SECONDS
+    while thread.is_alive() and time.monotonic() < deadline:
+        try:
+            thread.join(timeout=_POLL_SECONDS)
+        except KeyboardInterrupt as error:
+            interrupted = error
+    if interrupted is not None:
+        raise interrupted
