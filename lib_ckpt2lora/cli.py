@@ -172,7 +172,21 @@ def options_from_args(args: argparse.Namespace) -> ExtractOptions:
     return ExtractOptions(**{name: getattr(args, name) for name in names if hasattr(args, name)})
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(stop: threading.Event | None = None) -> None:
+    """The command (``ckpt2lora``, ``python -m lib_ckpt2lora``): main(), then the exit with
+    SIGINT and SIGTERM ignored. The interpreter resets their handlers to the default while
+    it exits, so a Ctrl-C landing there would end the process by the signal instead of 130."""
+    try:
+        code = main(stop=stop)
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None, stop: threading.Event | None = None) -> int:
+    """``stop``: set by a Ctrl-C or SIGTERM that came before main() (``__main__`` records them)."""
+    stop = stop if stop is not None else threading.Event()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.merge:
@@ -189,9 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None and not args.list_layers:
         parser.error("the following arguments are required: --out (or pass --list-layers for a dry run)")
     if args.list_layers:
-        return _list_layers(args)
+        code = _list_layers(args)
+        return _interrupted() if stop.is_set() else code
     _return_freed_memory_to_the_system()
-    stop, running = threading.Event(), threading.Event()
+    running = threading.Event()
     _install_signal_handlers(stop, running)
     try:
         runs = _runs(args, options_from_args(args))
@@ -199,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"The folder {Path(args.report_json).parent} for --report-json does not exist; create it first.")
         from .extract import extract
 
+        if stop.is_set():  # pressed while starting up
+            raise Cancelled()
         running.set()
         try:
             results = [(opts, extract(opts, progress=_progress_bar(), should_stop=stop.is_set)) for opts in runs]
@@ -210,8 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ckpt2lora: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
-        print("ckpt2lora: Interrupted: nothing was written.", file=sys.stderr)
-        return 130
+        return _interrupted()
     for opts, result in results:
         report = result.report
         if args.verbose:
@@ -247,6 +263,11 @@ def _runs(args: argparse.Namespace, opts: ExtractOptions) -> list[ExtractOptions
         check_output_path(run.out, run.overwrite)
         list_layers(replace(run, out=None))
     return runs
+
+
+def _interrupted() -> int:
+    print(f"ckpt2lora: {Cancelled()}", file=sys.stderr)
+    return Cancelled.exit_code
 
 
 def _list_layers(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -104,13 +105,15 @@ class Running:
         return describe(subprocess.CompletedProcess([], self.proc.returncode, self.stdout, "\n".join(self.lines)))
 
 
-def assert_interrupted(run: Running, took: float, codes: tuple[int, ...] = (130,)) -> None:
+def assert_interrupted(run: Running, took: float, within: float = STOP_WITHIN_S) -> None:
+    """Exit 130 (never by the signal itself, never an abort such as "terminate called
+    without an active exception"), one sentence, no traceback."""
     stderr = "\n".join(run.lines)
-    assert run.proc.returncode in codes, run.result()
-    assert "Traceback" not in stderr, run.result()
+    assert run.proc.returncode == 130, run.result()
+    assert "Traceback" not in stderr and "terminate called" not in stderr, run.result()
     messages = error_lines(stderr)
     assert len(messages) == 1 and "nterrupted" in messages[0], run.result()
-    assert took < STOP_WITHIN_S, f"took {took:.1f} s to stop after the signal"
+    assert took < within, f"took {took:.1f} s to stop after the signal"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -126,21 +129,58 @@ def test_cli_signal_mid_run(slow, tmp_path, signum):
     assert snapshot(out) == before
 
 
-def test_cli_ctrl_c_pressed_again_and_again(slow, tmp_path):
+def keep_pressing(run: Running, every: float = 0.03, for_at_most: float = 60) -> None:
+    started = time.monotonic()
+    while run.proc.poll() is None and time.monotonic() - started < for_at_most:
+        run.proc.send_signal(signal.SIGINT)
+        time.sleep(every)
+
+
+@pytest.mark.parametrize("round", range(3))
+def test_cli_ctrl_c_pressed_again_and_again(slow, tmp_path, round):
     """The first Ctrl-C asks for a stop after the layer, the second stops at once; a user
-    who keeps pressing must still get exit 130, one sentence and no traceback."""
+    who keeps pressing must still get exit 130, one sentence and no traceback. Presses
+    land during the clean-up (the reader thread is joined through them) and during the
+    interpreter's exit (ignored there): never an exit by the signal, never an abort.
+    Three rounds: the abort seen once (issue 21) was a race."""
     out = out_folder(tmp_path, "out")
     before = snapshot(out)
     run = Running(["--base", slow[0], "--variant", slow[1], "--out", out / "lora.safetensors", "--svd", "exact"])
     run.wait_for(run.started_work)
     time.sleep(0.5)
-    started = time.monotonic()
-    while run.proc.poll() is None and time.monotonic() - started < STOP_WITHIN_S:
+    keep_pressing(run, for_at_most=STOP_WITHIN_S)
+    assert_interrupted(run, run.finish())
+    assert snapshot(out) == before
+
+
+def importing_torch(run: Running) -> bool:
+    """torch's native library is mapped into the CLI's process: its import is under way."""
+    try:
+        return "libtorch" in Path(f"/proc/{run.proc.pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/maps to press while torch imports")
+@pytest.mark.parametrize("again", [False, True], ids=["once", "again-and-again"])
+def test_cli_ctrl_c_while_torch_imports(small, tmp_path, again):
+    """Ctrl-C while torch imports (the first 1-2 s, before any of the CLI's work) also ends
+    in exit 130 and the one sentence, not a traceback from inside the import and an exit
+    by the signal (-2); pressed once, or again every 30 ms until the process has ended
+    (through the hand-over to the CLI's own handlers, the run and the exit)."""
+    out = out_folder(tmp_path, "out")
+    before = snapshot(out)
+    run = Running(["--base", small[0], "--variant", small[1], "--out", out / "lora.safetensors"])
+    deadline = time.monotonic() + 60
+    while not importing_torch(run) and run.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert run.proc.poll() is None and not run.started_work(), "the CLI got past start-up before the press"
+    if again:
+        keep_pressing(run)
+    else:
         run.proc.send_signal(signal.SIGINT)
-        time.sleep(0.03)
-    # A press that lands after main() returned may end the process by SIGINT itself,
-    # which a shell also shows as 130.
-    assert_interrupted(run, run.finish(), codes=(130, -signal.SIGINT))
+    # The import under way finishes first (seconds on a loaded machine), then the CLI stops.
+    assert_interrupted(run, run.finish(), within=60)
     assert snapshot(out) == before
 
 
