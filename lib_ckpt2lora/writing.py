@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -146,18 +147,39 @@ def atomic_file(path: Path, overwrite: bool, group: OutputGroup | None = None) -
                 temp.unlink()
 
 
+# How long a refused rename is retried: on Windows an antivirus scan, the search indexer or
+# a sync client opens a new or replaced file for a moment; a program that has the file
+# loaded holds it for good, and the run then ends in one sentence.
+REPLACE_RETRY_SECONDS = 2.0
+
+
 def _replace(source: Path, path: Path) -> None:
-    """os.replace, with Windows' refusal to replace a file another program holds open
-    (WinError 5 or 32, raised as PermissionError) said in one sentence."""
-    try:
-        os.replace(source, path)
-    except PermissionError as exc:
-        if getattr(exc, "winerror", None) in (5, 32) or (os.name == "nt" and path.exists()):
-            raise UserError(
-                f"{path} is in use by another program (the WebUI may have it loaded) and cannot be replaced; "
-                "close that program's use of it, or choose another name (nothing was changed)."
-            ) from None
-        raise
+    """os.replace, retried for a moment while it is refused (PermissionError), then the
+    refusal said in one sentence: Windows refuses to replace a file another program holds
+    open (WinError 5 or 32), every system a folder that is read-only for us."""
+    delay, deadline = 0.05, time.monotonic() + REPLACE_RETRY_SECONDS
+    while True:
+        try:
+            os.replace(source, path)
+            return
+        except PermissionError as exc:
+            if time.monotonic() + delay > deadline:
+                raise _refused(exc, path) from None
+        time.sleep(delay)
+        delay = min(2 * delay, 0.5)
+
+
+def _refused(exc: PermissionError, path: Path) -> UserError:
+    held = getattr(exc, "winerror", None) in (5, 32) or os.name == "nt"
+    if held and path.exists():
+        return UserError(
+            f"{path} is in use by another program (the WebUI may have it loaded) and cannot be replaced; "
+            "close that program's use of it, or choose another name (nothing was changed)."
+        )
+    return UserError(
+        f"Cannot write {path.name} into {path.parent}: the folder is read-only or not yours to change; "
+        "choose another folder (nothing was changed)."
+    )
 
 
 def _move_aside(path: Path) -> Path:

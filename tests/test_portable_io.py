@@ -4,8 +4,9 @@
   (inputs, outputs, the detail LoRA, --report-json);
 * reads that return short (Linux caps one read at 0x7ffff000 bytes, network drives return
   less): the tensor must still read exactly, and only a real early end says "truncated";
-* Windows refusing to replace a file another program holds open: one sentence, the old
-  file byte-identical, nothing left behind;
+* Windows refusing to replace a file another program holds open: retried for a moment
+  (a scan that lets go is waited out), then one sentence, the old file byte-identical,
+  nothing left behind; the same for a folder that refuses the rename (read-only);
 * --overwrite with --detail is all or nothing (issue 10 section 4): a failure while writing
   or renaming the second file leaves both old files as they were.
 
@@ -19,6 +20,7 @@ import errno
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -192,6 +194,87 @@ def test_replacing_a_file_in_use_says_so_and_keeps_it(pair, tmp_path, monkeypatc
     proc = run_cli_inprocess(["--base", pair[0], "--variant", pair[1], "--out", target, "--overwrite"])
     assert_clean_failure(proc, "in use.safetensors")
     assert snapshot(out) == before
+
+
+def test_a_file_held_for_a_moment_is_replaced_after_a_retry(pair, tmp_path, monkeypatch):
+    """An antivirus scan or the search indexer holds the old file for a moment: the rename
+    is retried and succeeds, no error, the new LoRA in place, nothing left beside it."""
+    out = out_folder(tmp_path, "out")
+    target = out / "scanned.safetensors"
+    target.write_bytes(OLD_MAIN)
+    names = sorted(snapshot(out))
+    held = windows_in_use(target.name)
+    refusals = []
+
+    def replace(source, destination):
+        if len(refusals) < 3:
+            try:
+                return held(source, destination)
+            except PermissionError:
+                refusals.append(destination)
+                raise
+        return os.replace.__wrapped__(source, destination)
+
+    replace.__wrapped__ = os.replace
+    monkeypatch.setattr(os, "replace", replace)
+    extract(ExtractOptions(base=pair[0], variant=pair[1], out=target, overwrite=True), log=quiet)
+    assert len(refusals) == 3
+    assert target.read_bytes() != OLD_MAIN and load_state(target)
+    assert sorted(snapshot(out)) == names and not hidden_files(out)
+
+
+def test_a_file_held_for_good_is_retried_for_a_moment_then_refused(pair, tmp_path, monkeypatch):
+    """A program that keeps the file open (the WebUI with the LoRA loaded): the rename is
+    tried again for about REPLACE_RETRY_SECONDS, then one sentence, the old file kept."""
+    from lib_ckpt2lora import writing
+
+    out = out_folder(tmp_path, "out")
+    target = out / "loaded.safetensors"
+    target.write_bytes(OLD_MAIN)
+    before = snapshot(out)
+    held = windows_in_use(target.name)
+    attempts = []
+
+    def replace(source, destination):
+        attempts.append(time.monotonic())
+        return held(source, destination)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(UserError) as caught:
+        extract(ExtractOptions(base=pair[0], variant=pair[1], out=target, overwrite=True), log=quiet)
+    assert_one_sentence(str(caught.value))
+    assert "in use by another program" in str(caught.value)
+    assert len(attempts) >= 4, "refused without retrying"
+    assert writing.REPLACE_RETRY_SECONDS * 0.5 <= attempts[-1] - attempts[0] <= writing.REPLACE_RETRY_SECONDS + 1
+    assert target.read_bytes() == OLD_MAIN and snapshot(out) == before and not hidden_files(out)
+
+
+@pytest.mark.parametrize("windows", [True, False], ids=["WinError-5", "EACCES"])
+def test_output_folder_turned_read_only_during_the_run(pair, tmp_path, monkeypatch, windows):
+    """The folder was writable when the run started (checked first) but refuses the final
+    rename (made read-only meanwhile; or, on Windows, an ACL that lets us create but not
+    rename): one sentence naming the folder, nothing left in it."""
+    out = out_folder(tmp_path, "out")
+    target = out / "new.safetensors"
+    before = snapshot(out)
+
+    def replace(source, destination):
+        error = PermissionError(errno.EACCES, "Access is denied" if windows else "Permission denied")
+        if windows:
+            error.winerror = 5
+        raise error
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr("lib_ckpt2lora.writing.REPLACE_RETRY_SECONDS", 0.2)
+    with pytest.raises(UserError) as caught:
+        extract(ExtractOptions(base=pair[0], variant=pair[1], out=target), log=quiet)
+    message = str(caught.value)
+    assert_one_sentence(message)
+    assert "read-only" in message and str(out) in message and "another folder" in message
+    assert snapshot(out) == before and not hidden_files(out)
+    proc = run_cli_inprocess(["--base", pair[0], "--variant", pair[1], "--out", target])
+    assert_clean_failure(proc, "read-only")
+    assert snapshot(out) == before and not hidden_files(out)
 
 
 # -- --overwrite --detail: all or nothing ----------------------------------------------------------
