@@ -48,6 +48,7 @@ def build_tab(services, css: str | None = None, title: str | None = None) -> gr.
         compare_handler=events.compare_handler,
         compare_job=events.compare_job,
         compare_outputs=events.compare_outputs,
+        clear_previous=events.clear_previous,
         select_base=layout.select_base,
         stop_button=layout.stop_button,
         extract_button=layout.extract_button,

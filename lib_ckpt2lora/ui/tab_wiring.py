@@ -144,6 +144,16 @@ def wire_tab(services, layout: SimpleNamespace) -> SimpleNamespace:
     else:  # gradio's own progress (gr.Progress)
         event = layout.extract_button.click(fn=handler, inputs=inputs, outputs=outputs, **progress_kwargs(True))
     event.then(fn=refresh_choices, inputs=[], outputs=dropdowns, queue=False, **progress_kwargs(False))
+
+    # A new Extract, whatever its outcome, starts a new result: the previous Compare (its
+    # images and SSIM line) and the List layers box belong to the last one. Cleared at the
+    # press, outside the queue, while the job may still wait for it.
+    cleared_by_extract = [layout.compare_view, layout.compare_status, layout.layers]
+
+    def clear_previous():
+        return [gr_update(value="", visible=False), "", gr_update(value="", visible=False)]
+
+    layout.extract_button.click(fn=clear_previous, inputs=[], outputs=cleared_by_extract, queue=False)
     layout.stop_button.click(fn=services.request_stop, inputs=[], outputs=[], queue=False)
 
     def list_layers(*values):
@@ -208,6 +218,8 @@ def wire_tab(services, layout: SimpleNamespace) -> SimpleNamespace:
         refresh_choices=refresh_choices,
         list_layers=list_layers,
         compare_handler=compare_handler,
+        clear_previous=clear_previous,
+        cleared_by_extract=cleared_by_extract,
         compare_job=compare_job,
         compare_outputs=compare_outputs,
     )

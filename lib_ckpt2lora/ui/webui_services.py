@@ -7,7 +7,8 @@ Every WebUI name used here exists in A1111 1.10, lllyasviel's Forge and Forge Ne
   ``get_closet_checkpoint_match(text)``, ``checkpoints_list``, ``unload_model_weights()``,
   ``model_path``;
 - ``modules.shared``: ``cmd_opts.lora_dir`` (``cmd_opts.ckpt_dir`` in A1111/Forge only),
-  ``state`` (``job_count``, ``job_no``, ``textinfo``, ``interrupted``, ``stopping_generation``);
+  ``state`` (``job_count``, ``job_no``, ``textinfo``, ``interrupted``, ``stopping_generation``,
+  ``interrupt()``);
 - ``modules.processing`` (Compare): ``StableDiffusionProcessingTxt2Img`` with
   ``override_settings={"sd_model_checkpoint": title}``, ``process_images`` -> ``.images``;
 - ``modules.call_queue.wrap_gradio_gpu_call``: the queue lock shared with txt2img, and
@@ -21,6 +22,7 @@ Every WebUI name used here exists in A1111 1.10, lllyasviel's Forge and Forge Ne
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -75,6 +77,11 @@ class WebUIServices(Services):
     can_select_checkpoint = True
     can_free_model = True
     can_compare = True
+
+    def __init__(self, extract_fn: Callable | None = None):
+        super().__init__(extract_fn)
+        self._generating = False  # a Compare image is being sampled (under the queue lock)
+        self._generating_lock = threading.Lock()
 
     @property
     def default_format(self) -> str:
@@ -163,9 +170,13 @@ class WebUIServices(Services):
         if settings.scheduler:
             kwargs["scheduler"] = settings.scheduler
         p = processing.StableDiffusionProcessingTxt2Img(**kwargs)
+        with self._generating_lock:
+            self._generating = True
         try:
             processed = processing.process_images(p)
         finally:
+            with self._generating_lock:
+                self._generating = False
             p.close()
         return processed.images[0] if processed is not None and processed.images else None
 
@@ -193,6 +204,17 @@ class WebUIServices(Services):
                 services.job_finished()
 
         return handler
+
+    def request_stop(self) -> None:
+        """Our Stop: the job's own stop flag, and while a Compare image samples, the WebUI's
+        ``shared.state.interrupt()``, which its sampler checks at every step (A1111's and
+        Neo's CFG denoiser raise InterruptedException on ``state.interrupted``): the image
+        stops now, not when it is finished. Only while our own image samples, under the
+        queue lock, so a txt2img of the user's that our job is waiting for is never hit."""
+        super().request_stop()
+        with self._generating_lock:
+            if self._generating and self._stop_event.is_set():
+                shared.state.interrupt()
 
     def tool_button(self, symbol: str, elem_id: str):
         return ui_components.ToolButton(value=symbol, elem_id=elem_id, elem_classes=["ckpt2lora-tool"])
