@@ -258,12 +258,13 @@ def soak(base: Path, variant: Path, out_dir: Path, runs: int = 10, cancel_every:
 
 
 # -- one run under a hard memory limit (a child process) ----------------------------------------
-def limited_run(base: Path, variant: Path, out: Path, limit_gb: float, extra: list[str] = ()) -> dict:  # noqa: B006
-    """The CLI in a child whose RLIMIT_DATA is ``limit_gb``; its exit code, peak RSS and time."""
+def limited_run(base: Path, variant: Path, out: Path, limit_gb: float, kind: str = "DATA", extra: list[str] = ()) -> dict:  # noqa: B006
+    """The CLI in a child whose RLIMIT_<kind> (DATA or AS) is ``limit_gb``; its exit code,
+    peak RSS and time."""
     code = (
         "import resource, runpy, sys\n"
         f"limit = int({limit_gb} * 2**30)\n"
-        "resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))\n"
+        f"resource.setrlimit(resource.RLIMIT_{kind}, (limit, limit))\n"
         "sys.argv = ['lib_ckpt2lora', *sys.argv[1:]]\n"
         "try:\n"
         "    runpy.run_module('lib_ckpt2lora', run_name='__main__', alter_sys=True)\n"
@@ -279,7 +280,7 @@ def limited_run(base: Path, variant: Path, out: Path, limit_gb: float, extra: li
     seconds = time.perf_counter() - started
     found = re.search(r"SOAK_PEAK_KB (\d+)", proc.stderr)
     return {
-        "limit_gb": limit_gb,
+        "limit": f"RLIMIT_{kind} {limit_gb} GB",
         "returncode": proc.returncode,
         "seconds": round(seconds, 1),
         "peak_mb": round(int(found.group(1)) / 1024) if found else None,
@@ -310,11 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cancel-every", type=int, default=3)
     p.add_argument("--leak-control", action="store_true", help="keep every run's loaded tensors: the check must fire")
     p.add_argument("--memory-limit-gb", type=float, default=0.0, help="one CLI run under RLIMIT_DATA instead")
-    p.add_argument("--make-zimage-pair", type=Path, help="write the 4-block Z-Image pair here first (make_pairs.py)")
+    p.add_argument("--limit-kind", default="DATA", choices=["DATA", "AS"], help="RLIMIT_DATA (default) or RLIMIT_AS")
+    p.add_argument("--make-zimage-pair", type=Path, help="write a Z-Image pair here (make_pairs.py) and stop")
+    p.add_argument("--blocks", type=int, default=4, help="with --make-zimage-pair: main blocks (default 4)")
     p.add_argument("--json", type=Path, help="also write the figures as JSON")
     args = p.parse_args(argv)
     if args.make_zimage_pair:
-        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "make_pairs.py"), "zimage", "--blocks", "4",
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "make_pairs.py"), "zimage", "--blocks", str(args.blocks),
                         "--out-dir", str(args.make_zimage_pair)], check=True)  # fmt: skip
         return 0
     if args.base is None or args.variant is None:
@@ -322,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="soak-", dir=args.base.parent) as scratch:
         out_dir = Path(scratch)
         if args.memory_limit_gb:
-            figures = limited_run(args.base, args.variant, out_dir / "limited.safetensors", args.memory_limit_gb)
+            figures = limited_run(args.base, args.variant, out_dir / "limited.safetensors", args.memory_limit_gb,
+                                  args.limit_kind)  # fmt: skip
             print(json.dumps(figures, indent=1))
         else:
             result = soak(args.base, args.variant, out_dir, args.runs, args.cancel_every, args.leak_control,
