@@ -64,7 +64,7 @@ def test_wheel_holds_only_the_library(wheel):
     assert "lib_ckpt2lora/cli.py" in names and "lib_ckpt2lora/architectures/__init__.py" in names
     assert not any(part in name for name in names for part in ("tests/", "benchmarks/", "scripts/", "javascript/"))
     entry_points = zipfile.ZipFile(wheel).read("ckpt2lora-0.1.0.dist-info/entry_points.txt").decode()
-    assert "ckpt2lora = lib_ckpt2lora.cli:main" in entry_points
+    assert "ckpt2lora = lib_ckpt2lora.cli:run" in entry_points
 
 
 def test_installed_command_answers_without_torch(wheel, tmp_path):
