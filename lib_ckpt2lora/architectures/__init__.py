@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..errors import UserError
 from ..reading import TensorInfo
+from .anima import Anima
 from .base import Architecture, FileView, Group, LoraStyle, RawRef
 from .chroma import Chroma
 from .flux import Flux
@@ -17,9 +18,9 @@ from .qwen_image import QwenImage
 from .stable_diffusion import SD15, SDXL
 from .zimage import ZImage
 
-DETECTION_ORDER: tuple[type[Architecture], ...] = (Lumina2, ZImage, Flux, Chroma, QwenImage, SDXL, SD15)
+DETECTION_ORDER: tuple[type[Architecture], ...] = (Lumina2, ZImage, Flux, Chroma, QwenImage, Anima, SDXL, SD15)
 # The families above, as users name them (the --strict refusal, the generic warning, --help).
-KNOWN_FAMILIES = "SD1.5, SDXL, Z-Image, Flux.1, Chroma, Qwen-Image or Lumina-Image-2.0"
+KNOWN_FAMILIES = "SD1.5, SDXL, Z-Image, Flux.1, Chroma, Qwen-Image, Lumina-Image-2.0 or Anima"
 
 __all__ = ["KNOWN_FAMILIES", "Architecture", "FileView", "Group", "LoraStyle", "RawRef", "detect"]
 
