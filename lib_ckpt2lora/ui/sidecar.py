@@ -33,6 +33,7 @@ PRESET_NAMES = {
     "chroma": "flux",
     "qwen_image": "qwen",
     "lumina2": "lumina",
+    "anima": "anima",
 }
 UNKNOWN = "Unknown"
 
