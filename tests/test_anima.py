@@ -404,3 +404,32 @@ def test_other_family_variant_is_refused(pair, tmp_path):
         lc.run_extract(pair.base_path, variant, out)
     message = str(error.value)
     assert "is Anima" in message and "z-image.safetensors is Z-Image" in message and not out.exists()
+
+
+@pytest.mark.parametrize("spelling", ["default", "diffusers", "kohya", "neo"])
+def test_anima_lora_as_variant_gives_the_same_lora(pair, extracted, tmp_path, spelling):
+    """A trainer's Anima LoRA as the variant (diffusion-pipe's diffusion_model.* names, diffusers',
+    sd-scripts' lora_unet_*, Neo's renamed adapter keys): every module lands on its weight."""
+    result, path = extracted()
+    source = path
+    if spelling == "diffusers":
+        source = tmp_path / "diffusers.safetensors"
+        lc.run_extract(pair.base_path, pair.variant_path, source, format="diffusers")
+    elif spelling in ("kohya", "neo"):
+        renamed = {}
+        for key, value in load_file(str(path)).items():
+            module, _, suffix = key.removeprefix("diffusion_model.").partition(".lora_")
+            if spelling == "kohya":
+                name = "lora_unet_" + module.replace(".", "_")
+            else:
+                name = ("text_encoders.qwen3_06b." if module.startswith("llm_adapter.") else "diffusion_model.") + module
+            renamed[f"{name}.lora_{suffix}"] = value
+        source = tm.save(renamed, tmp_path / f"{spelling}.safetensors")
+    again = lc.run_extract(pair.base_path, source, tmp_path / "again.safetensors")
+    a, b = load_file(str(path)), load_file(str(tmp_path / "again.safetensors"))
+    expected = set(a) - ({k for k in a if ".embed." in k} if spelling == "diffusers" else set())
+    assert set(b) == expected and len(again.report.layers) == len(result.report.layers) - (spelling == "diffusers")
+    for module in lc.lora_module_names(b):
+        product_a = a[module + ".lora_B.weight"] @ a[module + ".lora_A.weight"]
+        product_b = b[module + ".lora_B.weight"] @ b[module + ".lora_A.weight"]
+        assert torch.allclose(product_a, product_b, atol=1e-5, rtol=1e-4), module
