@@ -151,7 +151,8 @@ def test_full_size_names_load_in_diffusers(layout, fmt):
     described = arch.describe(infos)
     kind = "diffusers" if layout == "diffusers" else "original"
     assert described.startswith(f"Anima, {kind} layout, 28 blocks")
-    assert ("text_encoders, vae skipped" in described) == (layout == "all-in-one")
+    assert ("skipped" in described) == (layout == "all-in-one")
+    assert ("; text_encoders, vae skipped (text encoder/VAE" in described) == (layout == "all-in-one")
     lora, missing, view = sized_lora(arch, fmt, infos)
     assert missing == (["llm_adapter.embed.weight"] if fmt == "diffusers" else [])
     matrices = {key.rpartition(".")[0] for key, shape in view.shapes.items() if len(shape) >= 2}
@@ -377,7 +378,9 @@ def test_every_layout_is_anima_and_gives_the_same_lora(pair, extracted, tmp_path
     other = make_pair(tmp_path / "other", base_layout, variant_layout, prefix)
     result = lc.run_extract(other.base_path, other.variant_path, tmp_path / "b.safetensors")
     assert result.architecture == "anima"
-    assert result.report.description.startswith(f"Anima, {base_layout} layout, 2 blocks")
+    described = result.report.description
+    assert described.startswith(f"Anima, {base_layout} layout, 2 blocks")
+    assert ("skipped" in described) == (prefix == ALL_IN_ONE), described
     assert not result.report.warnings, result.report.warnings
     _, path = extracted()
     a, b = load_file(str(path)), load_file(str(tmp_path / "b.safetensors"))

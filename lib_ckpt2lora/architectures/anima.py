@@ -151,7 +151,7 @@ class Anima(Architecture):
 
     def describe(self, infos):
         head = self.prefix + ("blocks." if self.layout == "original layout" else "transformer_blocks.")
-        others = sorted({k.split(".")[0] for k in infos if not self.canonical(k, infos[k])})
+        others = sorted({k.split(".")[0] for k in infos if self._dit_key(k) is None})
         skipped = f"; {', '.join(others)} skipped (text encoder/VAE: not extracted)" if others else ""
         return f"{self.title}, {self.layout}, {count_blocks(infos, head)} blocks{skipped}"
 
