@@ -5,6 +5,10 @@ ckpt2lora needs torch, safetensors, numpy and tqdm, which every WebUI already ha
 normally nothing happens. A package that is missing is installed without a version, so
 nothing the WebUI pins is ever changed or downgraded; torch is never installed here
 (the WebUI chooses its own build).
+
+ComfyUI-Manager also runs this file (``python install.py`` in this folder, after
+``pip install`` of each requirements.txt line, torch skipped by its pip blacklist): without
+the WebUI's ``launch`` module it prints one line and installs nothing.
 """
 
 import re
@@ -30,7 +34,11 @@ def main() -> None:
     try:
         import launch
     except ImportError:
-        print("ckpt2lora: install.py is run by the WebUI; outside it use: pip install -r requirements.txt")
+        # ComfyUI-Manager runs this file too, after installing requirements.txt itself: nothing left to do.
+        print(
+            "ckpt2lora: nothing to install here (ComfyUI-Manager installs requirements.txt itself; "
+            "for the command line: pip install -r requirements.txt)."
+        )
         return
     for name in required_names():
         if launch.is_installed(name):

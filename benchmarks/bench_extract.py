@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_argument_group("pair (generate one, or give both files)")
-    src.add_argument("--arch", choices=("zimage", "sd15"))
+    src.add_argument("--arch", choices=("zimage", "sd15", "wan", "wan5b"))
     src.add_argument("--blocks", type=int, default=1, help="Z-Image main blocks (default 1; the real model has 30)")
     src.add_argument("--pairs-dir", type=Path, default=Path("/tmp/ckpt2lora_pairs"))
     src.add_argument("--gen-device", default=None, help="where to generate values (default: --device or cpu)")

@@ -6,6 +6,10 @@ Real key names and full-size shapes, synthetic values:
   ``--blocks N`` main ``layers.*`` blocks (the real model has 30) plus every auxiliary
   module (2 noise refiners, 2 context refiners, the embedders, the final layer and the
   pad tokens).
+* ``wan`` / ``wan5b``: Wan 2.1/2.2 T2V 14B (a Wan 2.2 A14B expert has the same shapes) /
+  TI2V 5B in the original/ComfyUI layout, no prefix, bf16: ``--blocks N`` full-width
+  ``blocks.*`` (the real models have 40 / 30) plus every auxiliary module (patch_embedding
+  Conv3d, text/time embeddings, time_projection, head, the modulation tables).
 * ``anima``: Anima (Cosmos-Predict2 2B DiT + LLM adapter) under ``net.``, bf16: ``--blocks N``
   of its 28 blocks plus every auxiliary module (embedders, final layer, the 6-block adapter).
 * ``sd15``: a Stable Diffusion 1.5 single file, fp16: the full UNet in ldm names
@@ -28,6 +32,7 @@ stays at a few tensors whatever the model size.
 
     python benchmarks/make_pairs.py zimage --blocks 1 --out-dir /tmp/pairs
     python benchmarks/make_pairs.py sd15 --out-dir /tmp/pairs
+    python benchmarks/make_pairs.py wan --blocks 2 --out-dir /tmp/pairs
     python benchmarks/make_pairs.py zimage --blocks 30 --device cuda --out-dir /tmp/pairs
     python benchmarks/make_pairs.py --verify-shapes   # compare with diffusers/transformers
 """
@@ -302,6 +307,42 @@ def anima_entries(blocks: int = ANIMA_MAIN_BLOCKS) -> list[tuple[str, tuple[int,
     return [(ANIMA_PREFIX + k, s) for k, s in out]
 
 
+# Wan 2.1/2.2 (original / ComfyUI layout): width, FFN width, input and output latent channels,
+# blocks of the released models (diffusers' Wan-AI/*-Diffusers transformer configs).
+WAN_SIZES = {"wan": (5120, 13824, 16, 16, 40), "wan5b": (3072, 14336, 48, 48, 30)}
+WAN_TEXT_DIM = 4096  # umT5-XXL
+WAN_FREQ_DIM = 256
+WAN_PATCH = (1, 2, 2)
+
+
+def wan_entries(arch: str, blocks: int) -> list[tuple[str, tuple[int, ...]]]:
+    dim, ffn, in_ch, out_ch, _ = WAN_SIZES[arch]
+    patch = WAN_PATCH[0] * WAN_PATCH[1] * WAN_PATCH[2]
+    entries = [
+        ("patch_embedding.weight", (dim, in_ch, *WAN_PATCH)), ("patch_embedding.bias", (dim,)),
+        ("text_embedding.0.weight", (dim, WAN_TEXT_DIM)), ("text_embedding.0.bias", (dim,)),
+        ("text_embedding.2.weight", (dim, dim)), ("text_embedding.2.bias", (dim,)),
+        ("time_embedding.0.weight", (dim, WAN_FREQ_DIM)), ("time_embedding.0.bias", (dim,)),
+        ("time_embedding.2.weight", (dim, dim)), ("time_embedding.2.bias", (dim,)),
+        ("time_projection.1.weight", (6 * dim, dim)), ("time_projection.1.bias", (6 * dim,)),
+        ("head.head.weight", (out_ch * patch, dim)), ("head.head.bias", (out_ch * patch,)),
+        ("head.modulation", (1, 2, dim)),
+    ]
+    for i in range(blocks):
+        b = f"blocks.{i}."
+        for attn in ("self_attn", "cross_attn"):
+            for name in "qkvo":
+                entries += [(f"{b}{attn}.{name}.weight", (dim, dim)), (f"{b}{attn}.{name}.bias", (dim,))]
+            entries += [(f"{b}{attn}.norm_q.weight", (dim,)), (f"{b}{attn}.norm_k.weight", (dim,))]
+        entries += [
+            (f"{b}norm3.weight", (dim,)), (f"{b}norm3.bias", (dim,)),
+            (f"{b}ffn.0.weight", (ffn, dim)), (f"{b}ffn.0.bias", (ffn,)),
+            (f"{b}ffn.2.weight", (dim, ffn)), (f"{b}ffn.2.bias", (dim,)),
+            (f"{b}modulation", (1, 6, dim)),
+        ]
+    return entries
+
+
 # ------------------------------------------------------------------------ values
 
 
@@ -380,13 +421,15 @@ def pair_layout(arch: str, blocks: int = 1, text_encoder: bool = True) -> tuple[
         return zimage_entries(blocks), torch.bfloat16, {"format": "pt"}
     if arch == "sd15":
         return sd15_entries(text_encoder), torch.float16, {"format": "pt"}
+    if arch in WAN_SIZES:
+        return wan_entries(arch, blocks), torch.bfloat16, {"format": "pt"}
     if arch == "anima":
         return anima_entries(blocks), torch.bfloat16, {"format": "pt"}
-    raise ValueError(f"unknown architecture {arch!r} (zimage, sd15, anima)")
+    raise ValueError(f"unknown architecture {arch!r} (zimage, sd15, wan, wan5b, anima)")
 
 
 def default_names(arch: str, blocks: int) -> tuple[str, str]:
-    stem = f"{arch}_b{blocks}" if arch in ("zimage", "anima") else "sd15"
+    stem = "sd15" if arch == "sd15" else f"{arch}_b{blocks}"
     return f"{stem}_base.safetensors", f"{stem}_variant.safetensors"
 
 
@@ -488,6 +531,24 @@ def verify_shapes() -> bool:
         got = {"text_model." + k: s for k, s in got.items()}
     ok &= _compare("CLIP-L text model vs transformers CLIPTextModel", got, want)
     ok &= verify_anima_shapes()
+    ok &= verify_wan_shapes()
+    return ok
+
+
+def verify_wan_shapes() -> bool:
+    """Both Wan layouts, through diffusers' own single-file converter, against its model."""
+    from diffusers import WanTransformer3DModel
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    ok = True
+    for arch, (dim, ffn, in_ch, out_ch, blocks) in WAN_SIZES.items():
+        with torch.device("meta"):
+            model = WanTransformer3DModel(num_attention_heads=dim // 128, in_channels=in_ch, out_channels=out_ch,
+                                          ffn_dim=ffn, num_layers=blocks)
+        want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        original = {k: torch.empty(shape, device="meta") for k, shape in wan_entries(arch, blocks)}
+        got = {k: tuple(v.shape) for k, v in convert_wan_transformer_to_diffusers(original).items()}
+        ok &= _compare(f"{arch} ({blocks} blocks) vs diffusers WanTransformer3DModel", got, want)
     return ok
 
 
@@ -542,9 +603,10 @@ def _compare(title: str, got: dict, want: dict) -> bool:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("arch", nargs="?", choices=("zimage", "sd15", "anima"), help="which pair to generate")
+    ap.add_argument("arch", nargs="?", choices=("zimage", "sd15", *WAN_SIZES, "anima"), help="which pair to generate")
     ap.add_argument("--out-dir", type=Path, default=Path("/tmp/ckpt2lora_pairs"))
-    ap.add_argument("--blocks", type=int, default=1, help=f"Z-Image main blocks (real model: {ZIMAGE_MAIN_BLOCKS})")
+    ap.add_argument("--blocks", type=int, default=1,
+                    help=f"Z-Image main blocks (real model: {ZIMAGE_MAIN_BLOCKS}); Wan blocks (40 for 14B, 30 for 5B)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rel", type=float, default=DeltaSettings.rel, help="||delta|| / ||W|| (default 1e-2)")
     ap.add_argument("--noise", type=float, default=DeltaSettings.noise,
@@ -563,8 +625,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.verify_shapes:
         return 0 if verify_shapes() else 1
     if args.arch is None:
-        ap.error("choose an architecture: zimage or sd15")
-    most = ANIMA_MAIN_BLOCKS if args.arch == "anima" else ZIMAGE_MAIN_BLOCKS
+        ap.error("choose an architecture: zimage, sd15, wan, wan5b or anima")
+    most = WAN_SIZES[args.arch][4] if args.arch in WAN_SIZES else ZIMAGE_MAIN_BLOCKS
+    most = ANIMA_MAIN_BLOCKS if args.arch == "anima" else most
     if args.blocks < 0 or args.blocks > most:
         ap.error(f"--blocks must be 0..{most}")
     settings = DeltaSettings(args.rel, args.noise, args.delta_rank, args.decay_min, args.decay_max, args.rel_spread)

@@ -54,9 +54,15 @@ def parse_size(text: str | int | float) -> int:
 
 
 def format_size(size: int, round_up: bool = False) -> str:
-    """``size`` in MB = 10^6 bytes: two decimals under 10 MB, one above, KB under 0.1 MB
-    (where MB would read 0.00); ``round_up`` for a minimum the named size must still meet."""
-    unit, name, decimals = (10**3, "KB", 1) if size < 10**5 else (10**6, "MB", 2 if size < 10**7 else 1)
+    """``size`` in decimal units, the one unit system of every output (MB = 10^6 bytes): two
+    decimals under 10 MB, one above, KB under 0.1 MB (where MB would read 0.00), GB from 1 GB
+    (a checkpoint); ``round_up`` for a minimum the named size must still meet."""
+    if size < 10**5:
+        unit, name, decimals = 10**3, "KB", 1
+    elif size < 10**9:
+        unit, name, decimals = 10**6, "MB", 2 if size < 10**7 else 1
+    else:
+        unit, name, decimals = 10**9, "GB", 2
     steps = size / unit * 10**decimals
     return f"{(math.ceil(steps) if round_up else round(steps)) / 10**decimals:.{decimals}f} {name}"
 

@@ -7,12 +7,13 @@ import json
 import signal
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 
-from .architectures import KNOWN_FAMILIES
-from .constants import VERSION
+from .budget import format_size
+from .constants import KNOWN_FAMILIES, VERSION
 from .errors import Cancelled, UserError
-from .options import BUDGET_OBJECTIVES, FORMATS, SAVE_DTYPES, SVD_MODES, ExtractOptions
+from .options import BUDGET_OBJECTIVES, FORMATS, SAVE_DTYPES, SVD_MODES, ExtractOptions, expert_pair
 
 DESCRIPTION = (
     "Extract the weight delta between a base model and one or two variant checkpoints (or LoRA "
@@ -25,10 +26,15 @@ DESCRIPTION = (
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m lib_ckpt2lora", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=_program_name(), description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--base", required=True, help="Base model safetensors path")
-    p.add_argument("--variant", required=True, help="Variant model safetensors or LoRA path")
+    p.add_argument("--base", help="Base model safetensors path (required unless --merge)")
+    p.add_argument(
+        "--variant",
+        nargs="+",
+        help="Variant model safetensors or LoRA path (required unless --merge); several (batch): one LoRA each, "
+        "<out>/<variant name>.safetensors, the base read once",
+    )
     p.add_argument(
         "--variant2", help="Second variant model or LoRA. Enables dual-variant extraction: common (default) or union (--union)."
     )
@@ -130,12 +136,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="Dry run: list each layer with its shape and whether it would be extracted (and why not), "
         "then stop; reads headers only, writes nothing, needs no --out",
     )
+    extra.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="LORA[:WEIGHT]",
+        help="Merge these LoRAs (weight 1 unless given, e.g. a.safetensors:0.5 b.safetensors:-0.7) into one LoRA "
+        "at --rank / --rank-thresh / --target-size, no base needed; one file resizes it",
+    )
     extra.add_argument("--overwrite", action="store_true", help="Replace an existing output file")
     extra.add_argument("--strict", action="store_true", help=f"Refuse models that are not {KNOWN_FAMILIES}")
     extra.add_argument("--report-json", help="Also write the report (summary and per-layer data) as JSON")
+    wan = p.add_argument_group("Wan 2.2 A14B's two experts (high-noise and low-noise files, shaped alike)")
+    wan.add_argument(
+        "--expert",
+        default="",
+        choices=("high", "low"),
+        help="Which Wan 2.2 expert --base/--variant are (recorded in the LoRA's metadata; the base must be that expert)",
+    )
+    wan.add_argument("--base-low", help="With --variant-low: also extract the low-noise expert pair in this run; "
+                     "--base/--variant are then the high-noise pair and --out NAME writes NAME_high and NAME_low")
+    wan.add_argument("--variant-low", help="The low-noise expert's fine-tune (with --base-low)")
     extra.add_argument("--debug", action="store_true", help="Show a traceback on errors")
     extra.add_argument("--version", action="version", version=f"ckpt2lora {VERSION}")
     return p
+
+
+def _program_name() -> str:
+    """How the user started us: the ``ckpt2lora`` command of a pip install, or the module."""
+    name = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else ""
+    return "python -m lib_ckpt2lora" if name in ("", "__main__", "-c") else name
 
 
 def options_from_args(args: argparse.Namespace) -> ExtractOptions:
@@ -146,6 +175,17 @@ def options_from_args(args: argparse.Namespace) -> ExtractOptions:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.merge:
+        from .toolbox.merge_cli import run_merge
+
+        return run_merge(parser, args)
+    if args.base is None or args.variant is None:
+        parser.error("the following arguments are required: --base and --variant (or --merge LORA ...)")
+    if len(args.variant) > 1:  # a batch (toolbox/batch.py): one LoRA per variant, the base read once
+        from .toolbox.batch import run_cli
+
+        return run_cli(args)
+    args.variant = args.variant[0]
     if args.out is None and not args.list_layers:
         parser.error("the following arguments are required: --out (or pass --list-layers for a dry run)")
     if args.list_layers:
@@ -154,14 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     stop, running = threading.Event(), threading.Event()
     _install_signal_handlers(stop, running)
     try:
-        opts = options_from_args(args)
+        runs = _runs(args, options_from_args(args))
         if args.report_json and not Path(args.report_json).parent.is_dir():
             raise UserError(f"The folder {Path(args.report_json).parent} for --report-json does not exist; create it first.")
         from .extract import extract
 
         running.set()
         try:
-            result = extract(opts, progress=_progress_bar(), should_stop=stop.is_set)
+            results = [(opts, extract(opts, progress=_progress_bar(), should_stop=stop.is_set)) for opts in runs]
         finally:
             running.clear()
     except (UserError, Cancelled) as error:
@@ -172,21 +212,41 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ckpt2lora: Interrupted: nothing was written.", file=sys.stderr)
         return 130
-    report = result.report
-    if args.verbose:
-        print(report.verbose_text())
-    if args.summary or args.verbose:
-        print(report.summary_text())
-    if args.report_json:
-        Path(args.report_json).write_text(json.dumps(report.to_dict(), indent=1))
-    for path in result.outputs:
-        size = path.stat().st_size / 2**20
-        print(f"Saved {path} ({size:.1f} MiB, {len(report.layers)} LoRA layers).")
-    for line in report.budget_lines():
-        print(line)
-    if report.loads_in and not opts.checkpoint and not opts.checkpoint_full:
-        print(f"Format {report.format}: {report.loads_in}.")
+    for opts, result in results:
+        report = result.report
+        if args.verbose:
+            print(report.verbose_text())
+        if args.summary or args.verbose:
+            print(report.summary_text())
+        if opts.report_json:
+            Path(opts.report_json).write_text(json.dumps(report.to_dict(), indent=1))
+        for path in result.outputs:
+            print(f"Saved {path} ({format_size(path.stat().st_size)}, {len(report.layers)} LoRA layers).")
+        for line in report.budget_lines():
+            print(line)
+        if report.loads_in and not opts.checkpoint and not opts.checkpoint_full:
+            print(f"Format {report.format}: {report.loads_in}.")
     return 0
+
+
+def _runs(args: argparse.Namespace, opts: ExtractOptions) -> list[ExtractOptions]:
+    """One run, or with --base-low/--variant-low one per Wan 2.2 expert. Both expert pairs
+    are planned (headers only) and both outputs checked before the first is extracted, so
+    a wrong low-noise file fails at once, not after the high-noise LoRA is written."""
+    if not (args.base_low or args.variant_low):
+        return [opts]
+    if not (args.base_low and args.variant_low):
+        raise UserError("Give both --base-low and --variant-low (the low-noise expert's base and fine-tune).")
+    if args.expert:
+        raise UserError("--base-low/--variant-low set the experts themselves (--base/--variant = high); drop --expert.")
+    from .listing import list_layers
+    from .writing import check_output_path
+
+    runs = list(expert_pair(opts, args.base_low, args.variant_low))
+    for run in runs:
+        check_output_path(run.out, run.overwrite)
+        list_layers(replace(run, out=None))
+    return runs
 
 
 def _list_layers(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .budget import format_size
 from .options import ExtractOptions
 
 
@@ -103,6 +104,7 @@ def fidelity(base_path: Path, variant_path: Path, lora_path: Path, report) -> tu
     from .reading import TensorFile
 
     errors, output_errors = [], []
+    generator = torch.Generator().manual_seed(0)  # the same probe inputs every run: identical runs, identical figures
     with TensorFile(base_path) as base, TensorFile(variant_path) as variant, safe_open(str(lora_path), "pt") as lora:
         arch = architectures.detect(base.infos)
         base_view = architectures.FileView.build(base, arch)
@@ -113,7 +115,7 @@ def fidelity(base_path: Path, variant_path: Path, lora_path: Path, report) -> tu
             down = lora.get_tensor(record.name + ".lora_A.weight").float()
             approx = up.flatten(1) @ down.flatten(1)
             errors.append(float((delta - approx).norm() / delta.norm()))
-            probe = torch.randn(delta.shape[1], 16)
+            probe = torch.randn(delta.shape[1], 16, generator=generator)
             weight = base_view.read(record.key).float()
             target = (weight + delta) @ probe
             output_errors.append(float(((weight + approx) @ probe - target).norm() / (target - weight @ probe).norm()))
@@ -169,7 +171,7 @@ def run(folder: Path, dim: int, blocks: int, overwrite: bool) -> Path:
     print(result.report.summary_text())
     weight_error, output_error = fidelity(base, variant, out, result.report)
     total = result.report.total()
-    print(f"LoRA: {out} ({out.stat().st_size / 2**20:.1f} MiB), {total['n']} layers, mean rank {total['rank']:.1f}.")
+    print(f"LoRA: {out} ({format_size(out.stat().st_size)}), {total['n']} layers, mean rank {total['rank']:.1f}.")
     print(f"Captured energy (mean over layers): {100 * total['energy']:.1f}% (threshold 95%).")
     print(f"Relative error of base+LoRA vs variant: delta weights {weight_error:.3f}, layer outputs {output_error:.3f}.")
     print(f"Done in {elapsed:.1f} s. The files stay in {folder}; delete the folder when done.")

@@ -92,12 +92,15 @@ class Runner:
         if bases is None:
             bases = [self.plan.base.read(part) for part in unit.parts]
         sources = [[source.load(part) for part in unit.parts] for source in self.plan.sources]
-        # On the GPU: pinned 16-bit tensors (half the bytes to copy, widened there). On the
-        # CPU: widen to fp32 here, in the reader thread, off the computing thread.
-        prepare = (lambda t: t.pin_memory()) if self.device.type == "cuda" else (lambda t: t.float())
-        bases = [prepare(tensor) for tensor in bases]
-        sources = [[prepare(item) if torch.is_tensor(item) else item for item in items] for items in sources]
+        bases = [self.prepare(tensor) for tensor in bases]
+        sources = [[self.prepare(item) if torch.is_tensor(item) else item for item in items] for items in sources]
         return bases, sources
+
+    def prepare(self, tensor: torch.Tensor) -> torch.Tensor:
+        """On the GPU: pinned 16-bit tensors (half the bytes to copy, widened there). On the
+        CPU: widen to fp32 here, in the reader thread, off the computing thread. Prepared
+        twice, a tensor comes back as it is (a batch run shares one base tensor)."""
+        return tensor.pin_memory() if self.device.type == "cuda" else tensor.float()
 
     def compute(self, unit: Unit, loaded, candidates: bool = False) -> LayerStep | None:
         """layer_step.compute_step on the compute device, or on the CPU when a CUDA device
@@ -121,7 +124,7 @@ class Runner:
                 f"The variant does not look derived from the base: the median layer changes by "
                 f"{100 * statistics.median(self.relative_deltas):.0f}% of its weight (fine-tunes and merges "
                 "change a few percent); a LoRA from this pair will not reproduce the variant. "
-                "Check that base and variant belong together (e.g. do not mix Z-Image Base and Turbo)."
+                f"Check that base and variant belong together ({self.plan.arch.mixup_hint})."
             )
         not_finite = report.skipped.get("NaN or Inf in the delta")
         if not self.relative_deltas and not_finite:
@@ -146,42 +149,62 @@ def run_lora(plan: Plan, opts, device, progress, should_stop, log) -> tuple[dict
     """The LoRA's (and the detail LoRA's) tensors. With a budget, in two phases: every
     layer's candidates first, then allocation.apply_budget chooses all ranks at once."""
     runner = Runner(plan, opts, device, log)
-    candidates = opts.has_budget
-    main: dict[str, torch.Tensor] = {}
-    detail: dict[str, torch.Tensor] = {}
-    waiting: list[LayerStep] = []
+    collected = LoraTensors(plan, opts)
     total = len(plan.units)
     with contextlib.closing(prefetched(plan.units, runner.load, PREFETCH_DEPTH)) as stream:
         for done, (unit, loaded) in enumerate(stream):
             if should_stop is not None and should_stop():
                 raise Cancelled()
-            step = runner.compute(unit, loaded, candidates)
-            if step is not None:
-                if step.full is not None:
-                    plan.report.add(record_of(plan, step, None))
-                    if unit.module is not None:
-                        suffix = ".diff_b" if unit.key.endswith(".bias") else ".diff"
-                        main[unit.module + suffix] = step.full.to("cpu", plan.save_dtype)
-                elif candidates:
-                    step.keep_on_cpu(plan.save_dtype)
-                    waiting.append(step)
-                else:
-                    factors = step.joined()
-                    plan.report.add(record_of(plan, step, factors))
-                    main.update(unit_tensors(plan, opts, unit, factors))
-                    if step.detail is not None:
-                        detail.update(unit_tensors(plan, opts, unit, step.detail, opts.detail_scale))
+            collected.add(unit, runner.compute(unit, loaded, collected.candidates))
             if progress is not None:
                 progress(done + 1, total, unit.key)
     runner.finish()
-    if candidates:
+    return collected.finish(), collected.detail
+
+
+class LoraTensors:
+    """A LoRA run's output as its steps come: the LoRA's tensors, the detail LoRA's, and
+    (with a budget) the steps whose ranks the budget chooses at the end."""
+
+    def __init__(self, plan: Plan, opts: ExtractOptions):
+        self.plan, self.opts = plan, opts
+        self.candidates = opts.has_budget
+        self.main: dict[str, torch.Tensor] = {}
+        self.detail: dict[str, torch.Tensor] = {}
+        self.waiting: list[LayerStep] = []
+
+    def add(self, unit: Unit, step: LayerStep | None) -> None:
+        plan, opts = self.plan, self.opts
+        if step is None:
+            return
+        if step.full is not None:
+            plan.report.add(record_of(plan, step, None))
+            if unit.module is not None:
+                suffix = ".diff_b" if unit.key.endswith(".bias") else ".diff"
+                self.main[unit.module + suffix] = step.full.to("cpu", plan.save_dtype)
+        elif self.candidates:
+            step.keep_on_cpu(plan.save_dtype)
+            self.waiting.append(step)
+        else:
+            factors = step.joined()
+            plan.report.add(record_of(plan, step, factors))
+            self.main.update(unit_tensors(plan, opts, unit, factors))
+            if step.detail is not None:
+                self.detail.update(unit_tensors(plan, opts, unit, step.detail, opts.detail_scale))
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        """The LoRA's tensors: as collected, or at the ranks the budget chooses."""
+        if not self.candidates:
+            return self.main
         from .allocation import apply_budget
+
+        plan, opts = self.plan, self.opts
 
         def complete(tensors: dict) -> dict:
             return complete_attention_groups(plan, opts, tensors, "LoRA")
 
-        main = apply_budget(plan, opts, waiting, main, complete)
-    return main, detail
+        waiting, self.waiting = self.waiting, []
+        return apply_budget(plan, opts, waiting, self.main, complete)
 
 
 def write_lora_outputs(plan: Plan, opts: ExtractOptions, main, detail) -> list[Path]:

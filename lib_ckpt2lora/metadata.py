@@ -104,6 +104,8 @@ def tool_metadata(opts: ExtractOptions, arch: Architecture, fmt: str, kind: str)
     }
     if opts.variant2 is not None:
         recorded["ckpt2lora_variant2"] = opts.variant2.name
+    if opts.expert:  # Wan 2.2 A14B: the LoRA applies to this expert only
+        recorded["ckpt2lora_expert"] = f"{opts.expert}_noise"
     recorded.update(opts.extra_metadata)
     return recorded
 
@@ -115,4 +117,5 @@ def _description(opts: ExtractOptions, kind: str) -> str:
         source = f"{mode} of {opts.variant.name} and {opts.variant2.name}, relative to {opts.base.name}"
     rank = f"rank {opts.rank}" if opts.rank else f"auto rank (energy {opts.rank_thresh}, max {opts.rank_max})"
     prefix = f"Detail residual (x{opts.detail_scale}) of " if kind == "detail" else ""
-    return f"{prefix}{source}; {rank}; extracted with {TOOL_NAME} {VERSION}."
+    expert = f"; for Wan 2.2's {opts.expert}-noise expert only" if opts.expert else ""
+    return f"{prefix}{source}{expert}; {rank}; extracted with {TOOL_NAME} {VERSION}."

@@ -6,7 +6,7 @@ CLI maps ``--rank-thresh`` to ``rank_thresh`` and so on.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .errors import UserError
@@ -57,6 +57,9 @@ class ExtractOptions:
     target_size: str = ""
     target_energy: float = 0.0
     budget_objective: str = "balanced"
+    # Wan 2.2 A14B: which expert file pair this is ("high" / "low" noise; "" = not an expert).
+    # Recorded in the LoRA's metadata; see architectures/wan.py and expert_pair below.
+    expert: str = ""
 
     def __post_init__(self) -> None:
         for name in ("base", "variant", "out", "variant2", "report_json", "detail_out"):
@@ -99,6 +102,8 @@ class ExtractOptions:
             raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {self.format!r}.")
         if self.svd not in SVD_MODES:
             raise UserError(f"--svd must be one of {', '.join(SVD_MODES)}, not {self.svd!r}.")
+        if self.expert not in EXPERTS:
+            raise UserError(f"--expert must be high or low (Wan 2.2 A14B's noise experts), not {self.expert!r}.")
         self.validate_budget()
         for path in (self.out, self.detail_out):
             if path is not None and path.suffix.lower() != ".safetensors":
@@ -147,6 +152,31 @@ class ExtractOptions:
                 value = value.name
             recorded[key] = value
         return recorded
+
+
+# -- Wan 2.2 A14B's two experts ------------------------------------------------------------
+EXPERTS = ("", "high", "low")
+
+
+def expert_pair(opts: ExtractOptions, base_low: Path, variant_low: Path) -> tuple[ExtractOptions, ExtractOptions]:
+    """One run's options for each Wan 2.2 expert: ``opts`` holds the high-noise pair, the
+    low-noise pair comes from ``base_low``/``variant_low``; outputs <out>_high / <out>_low
+    (and the --report-json likewise), as Wan users name expert LoRAs (e.g. lightx2v's
+    ..._HIGH / ..._LOW files, one per ComfyUI/Neo model loader)."""
+    if opts.out is None:
+        raise UserError("--base-low/--variant-low write two LoRAs: give --out NAME.safetensors.")
+    if opts.variant2 is not None or opts.checkpoint or opts.checkpoint_full:
+        raise UserError(
+            "--base-low/--variant-low extract one LoRA per expert; drop --variant2, --checkpoint and --checkpoint-full."
+        )
+
+    def named(path: Path | None, expert: str) -> Path | None:
+        return None if path is None else path.with_name(f"{path.stem}_{expert}{path.suffix}")
+
+    high = replace(opts, expert="high", out=named(opts.out, "high"), report_json=named(opts.report_json, "high"))
+    low = replace(opts, base=Path(base_low), variant=Path(variant_low), expert="low")
+    low.out, low.report_json = named(opts.out, "low"), named(opts.report_json, "low")
+    return high, low
 
 
 def _segments(text: str) -> list[str]:

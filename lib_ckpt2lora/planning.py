@@ -66,6 +66,29 @@ def detail_output(opts: ExtractOptions) -> Path:
 
 def make_plan(opts: ExtractOptions, stack: contextlib.ExitStack, log: Callable[[str], None]) -> Plan:
     refuse_output_over_an_input(opts)
+    return plan_against(open_base(opts, stack, log), opts, stack, log)
+
+
+@dataclass
+class OpenBase:
+    """The base model, opened and recognised once (headers only): a batch run plans every
+    variant against the same one, so each base tensor is read once for all of them."""
+
+    arch: Architecture
+    view: FileView
+    fmt: str
+    description: str
+    warnings: list[str]
+    save_dtype: torch.dtype
+
+    def new_report(self) -> Report:
+        report = Report(architecture=self.arch.name, description=self.description)
+        report.format, report.loads_in = self.fmt, self.arch.format_loaders.get(self.fmt, "")
+        report.warnings.extend(self.warnings)
+        return report
+
+
+def open_base(opts: ExtractOptions, stack: contextlib.ExitStack, log: Callable[[str], None]) -> OpenBase:
     base_file = stack.enter_context(TensorFile(opts.base, "base"))
     from .lora_input import is_lora_file
 
@@ -75,29 +98,41 @@ def make_plan(opts: ExtractOptions, stack: contextlib.ExitStack, log: Callable[[
         )
     arch = architectures.detect(base_file.infos, strict=opts.strict, path=opts.base)
     base = FileView.build(base_file, arch)
-    report = Report(architecture=arch.name, description=arch.describe(base_file.infos))
-    log(f"Base: {opts.base.name}: {report.description}.")
+    description = arch.describe(base_file.infos)
+    log(f"Base: {opts.base.name}: {description}.")
+    warnings = []
     if arch.name == "generic":
-        report.warnings.append(
+        warnings.append(
             f"{opts.base.name} is not an {architectures.KNOWN_FAMILIES} model; LoRA keys use ComfyUI's "
             "diffusion_model.<key> form (pass --strict to refuse instead)."
+        )
+    if opts.expert and not arch.has_experts:
+        raise UserError(
+            f"--expert names one of Wan 2.2 A14B's two expert files, but the base {opts.base.name} is {arch.title}; "
+            "drop --expert (and --base-low/--variant-low)."
         )
     fmt = arch.resolve_format(opts.format)
     if fmt not in arch.formats:
         raise UserError(f"--format {fmt} does not apply to {arch.title}; choose one of {', '.join(arch.formats)} (or auto).")
-    report.format, report.loads_in = fmt, arch.format_loaders.get(fmt, "")
-    sources = [
-        open_source(path, role, arch, base, stack, opts, log)
-        for path, role in ((opts.variant, "variant"), (opts.variant2, "variant2"))
-        if path is not None
-    ]
     if opts.detail and writes_checkpoint(opts) and any(arch.fusion(key, fmt) for key in base.shapes):
         raise UserError(
             f"--format {fmt} fuses weights that a --checkpoint run handles one by one, so its --detail LoRA "
             "cannot use it; pick another --format (or auto)."
         )
+    return OpenBase(arch, base, fmt, description, warnings, choose_save_dtype(opts.save_dtype, base_file))
+
+
+def plan_against(opened: OpenBase, opts: ExtractOptions, stack: contextlib.ExitStack, log: Callable[[str], None]) -> Plan:
+    """The plan of ``opts``' variant(s) against an opened base: opens the variants, selects the units."""
+    arch, base, fmt = opened.arch, opened.view, opened.fmt
+    report = opened.new_report()
+    sources = [
+        open_source(path, role, arch, base, stack, opts, log)
+        for path, role in ((opts.variant, "variant"), (opts.variant2, "variant2"))
+        if path is not None
+    ]
     units = select_units(arch, fmt, base, sources, opts, report)
-    return Plan(arch, fmt, base, sources, units, report, choose_save_dtype(opts.save_dtype, base_file))
+    return Plan(arch, fmt, base, sources, units, report, opened.save_dtype)
 
 
 def refuse_output_over_an_input(opts: ExtractOptions) -> None:
@@ -120,7 +155,8 @@ def open_source(path: Path, role: str, arch: Architecture, base: FileView, stack
         log(f"{role.capitalize()}: {path.name}: a LoRA with {len(source.shapes)} target weights.")
         return source
     variant_arch = architectures.detect(file.infos, strict=opts.strict, path=path)
-    if variant_arch.name != arch.name:
+    # the title names the kind too (Flux.1 Fill, Flux.2 Klein 4B vs dev): another kind is another model
+    if (variant_arch.name, variant_arch.title) != (arch.name, arch.title):
         raise UserError(
             f"The base {base.file.path.name} is {arch.title} but the {role} {path.name} is "
             f"{variant_arch.title}; pick a {role} derived from the base."

@@ -19,6 +19,25 @@ for path in (str(ROOT), str(TESTS)):
         sys.path.insert(0, path)
 
 
+class _RootIsAFolder:
+    """The repository root has an ``__init__.py`` (ComfyUI loads the root as a node pack).
+    pytest would collect the root as a package and import that file as a test module
+    (inserting the root's parent into sys.path): collect it as a plain folder instead."""
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collect_directory(self, path, parent):
+        if Path(path) == ROOT:
+            return pytest.Dir.from_parent(parent, path=Path(path))
+        return None
+
+
+def pytest_configure(config):
+    # Registered as a plugin: a conftest's own hooks only see the folders beneath it.
+    # (pytest < 8 collects no folders above the arguments and has no pytest.Dir.)
+    if hasattr(pytest, "Dir") and not config.pluginmanager.has_plugin("ckpt2lora-root-is-a-folder"):
+        config.pluginmanager.register(_RootIsAFolder(), "ckpt2lora-root-is-a-folder")
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch thread for the module: the tiny models' matrices gain nothing from more, and

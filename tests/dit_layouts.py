@@ -1,4 +1,4 @@
-"""Tiny real Flux.1 / Chroma transformers and their BFL (original, ComfyUI) checkpoint layout.
+"""Tiny real Flux.1 / Chroma / Flux.2 transformers and their BFL (original, ComfyUI) checkpoint layout.
 
 ``to_bfl`` writes a diffusers state dict under BFL names with q|k|v (and single blocks'
 q|k|v|mlp) fused and the final modulation's halves swapped. It uses the architecture
@@ -14,6 +14,7 @@ import torch
 
 from lib_ckpt2lora.architectures.chroma import Chroma
 from lib_ckpt2lora.architectures.flux import FINAL_MODULATION, Flux
+from lib_ckpt2lora.architectures.flux2 import Flux2
 
 FLUX_CONFIG = dict(
     in_channels=64,
@@ -56,7 +57,7 @@ def chroma_transformer(seed: int = 0, **config):
 def to_bfl(state: dict[str, torch.Tensor], family: str = "flux") -> dict[str, torch.Tensor]:
     """diffusers layout -> BFL layout (fused weights concatenated in the BFL row order)."""
     hidden = state["x_embedder.weight"].shape[0]
-    arch = (Chroma if family == "chroma" else Flux)("", "BFL layout", hidden)
+    arch = {"chroma": Chroma, "flux2": Flux2}.get(family, Flux)("", "BFL layout", hidden)
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         module, _, param = key.rpartition(".")

@@ -51,6 +51,22 @@ for job in "${INSTALLS[@]}"; do
     ) >"$LOGS/$name.log" 2>&1 &
     pids+=($!)
 done
+# A line a minute while the installs run (a cold cache takes 10+ minutes, mostly download).
+still_installing() {
+    local i names=()
+    for i in "${!INSTALLS[@]}"; do
+        kill -0 "${pids[$i]}" 2>/dev/null && names+=("${INSTALLS[$i]%% *}")
+    done
+    echo "${names[*]}"
+}
+waited=0
+while [[ -n "$(still_installing)" ]]; do
+    sleep 5
+    waited=$((waited + 5))
+    if ((waited % 60 == 0)); then
+        lane_log "still installing: $(still_installing) ($((SECONDS - START)) s; env cache $(du -sh "$ENV_CACHE" 2>/dev/null | cut -f1))"
+    fi
+done
 for i in "${!INSTALLS[@]}"; do
     read -r name _ <<<"${INSTALLS[$i]}"
     wait "${pids[$i]}" || INSTALL_FAILED[$name]=1

@@ -6,21 +6,22 @@ in ``DETECTION_ORDER`` (most specific first); ``Generic`` catches the rest.
 
 from __future__ import annotations
 
+from ..constants import KNOWN_FAMILIES
 from ..errors import UserError
 from ..reading import TensorInfo
 from .anima import Anima
 from .base import Architecture, FileView, Group, LoraStyle, RawRef
 from .chroma import Chroma
 from .flux import Flux
+from .flux2 import Flux2
 from .generic import Generic
 from .lumina2 import Lumina2
 from .qwen_image import QwenImage
 from .stable_diffusion import SD15, SDXL
+from .wan import Wan
 from .zimage import ZImage
 
-DETECTION_ORDER: tuple[type[Architecture], ...] = (Lumina2, ZImage, Flux, Chroma, QwenImage, Anima, SDXL, SD15)
-# The families above, as users name them (the --strict refusal, the generic warning, --help).
-KNOWN_FAMILIES = "SD1.5, SDXL, Z-Image, Flux.1, Chroma, Qwen-Image, Lumina-Image-2.0 or Anima"
+DETECTION_ORDER: tuple[type[Architecture], ...] = (Lumina2, ZImage, Flux2, Flux, Chroma, QwenImage, Anima, Wan, SDXL, SD15)
 
 __all__ = ["KNOWN_FAMILIES", "Architecture", "FileView", "Group", "LoraStyle", "RawRef", "detect"]
 

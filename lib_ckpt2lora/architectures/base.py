@@ -123,6 +123,10 @@ class Architecture:
     neo_format: str | None = None
     # format -> which loaders apply it (the CLI prints it beside the saved file)
     format_loaders: dict[str, str] = {}
+    # The "not derived from the base" warning's example of a pair that does not belong together.
+    mixup_hint = "e.g. do not mix Z-Image Base and Turbo"
+    # Whether the model comes as expert files (Wan 2.2 A14B: high-noise, low-noise), so --expert applies.
+    has_experts = False
 
     def resolve_format(self, fmt: str) -> str:
         if fmt == "neo":

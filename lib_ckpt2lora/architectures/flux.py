@@ -114,10 +114,6 @@ def _invert(table: dict) -> dict[str, tuple[str, tuple[str, ...] | None]]:
     return out
 
 
-BLOCK_INVERSES = {bfl: (diffusers, _invert(table)) for bfl, diffusers, table in BLOCKS}
-TOP_INVERSE = _invert(TOP)
-
-
 class Flux(Architecture):
     name = "flux"
     title = "Flux.1"
@@ -136,6 +132,7 @@ class Flux(Architecture):
         "loses q and k (use the default format there)",
     }
     top = TOP
+    blocks = BLOCKS
     markers_bfl = ("double_blocks.0.img_attn.qkv.weight", "double_blocks.0.img_mod.lin.weight")
     markers_diffusers = ("transformer_blocks.0.norm1.linear.weight", "single_transformer_blocks.0.proj_mlp.weight")
 
@@ -195,7 +192,7 @@ class Flux(Architecture):
         return [rows // len(parts)] * len(parts)
 
     def to_diffusers(self, module: str):
-        for bfl, diffusers, table in BLOCKS:
+        for bfl, diffusers, table in self.blocks:
             match = re.fullmatch(rf"{bfl}\.(\d+)\.(.+)", module)
             if match:
                 target = table.get(match.group(2))
@@ -207,10 +204,10 @@ class Flux(Architecture):
 
     def to_bfl(self, module: str) -> tuple[str, tuple[str, ...] | None] | None:
         """diffusers module -> (BFL module, the fused group's diffusers parts or None)."""
-        for bfl, diffusers, _ in BLOCKS:
+        for bfl, diffusers, table in self.blocks:
             match = re.fullmatch(rf"{diffusers}\.(\d+)\.(.+)", module)
             if match:
-                found = BLOCK_INVERSES[bfl][1].get(match.group(2))
+                found = _invert(table).get(match.group(2))
                 if found is None:
                     return None
                 head, bfl_head = f"{diffusers}.{match.group(1)}.", f"{bfl}.{match.group(1)}."

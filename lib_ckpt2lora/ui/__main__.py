@@ -11,12 +11,16 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+# The tab's styles: the WebUIs load only the repository's root style.css, so that is the one
+# copy; a pip install puts it under <prefix>/share/ckpt2lora (pyproject's data-files).
+CSS_FILES = (ROOT / "style.css", Path(sys.prefix) / "share" / "ckpt2lora" / "style.css")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m lib_ckpt2lora.ui",
-        description="Serve the ckpt2lora tab as a standalone gradio app.",
+        description="Serve the ckpt2lora tab as a standalone gradio app. Needs gradio 4.40.0 (or 3.41.2): "
+        'pip install "ckpt2lora[ui]", or in a clone: pip install -r requirements-ui-gradio4.txt.',
     )
     parser.add_argument(
         "--models-dir",
@@ -39,12 +43,21 @@ def main(argv=None) -> int:
             print(f"{label} {folder} is not a folder; create it or give another.", file=sys.stderr)
             return 2
 
+    try:
+        import gradio  # noqa: F401  (only to say clearly that it is missing)
+    except ImportError:
+        print(
+            'The standalone page needs gradio, which is not installed: pip install "ckpt2lora[ui]" '
+            "(or, in a clone of the repository, pip install -r requirements-ui-gradio4.txt).",
+            file=sys.stderr,
+        )
+        return 2
     from .standalone_services import StandaloneServices
     from .tab import build_tab
 
     services = StandaloneServices(args.models_dir, args.lora_dir, layer_delay=args.layer_delay)
-    css_file = ROOT / "style.css"
-    css = css_file.read_text(encoding="utf8") if css_file.is_file() else None
+    css_file = next((path for path in CSS_FILES if path.is_file()), None)
+    css = css_file.read_text(encoding="utf8") if css_file else None
     blocks = build_tab(services, css=css, title="ckpt2lora")
     blocks.queue()
     blocks.launch(server_name=args.host, server_port=args.port, show_error=True, inbrowser=False)

@@ -65,6 +65,9 @@ FLAG_LABELS = {
     "--strict": "strict mode (command line only)",
     "--report-json": "a JSON report (command line only)",
     "--debug": "the command line's debug mode",
+    "--expert": "the Wan 2.2 expert option (command line only)",
+    "--base-low": "the low-noise expert's base (command line only)",
+    "--variant-low": "the low-noise expert's variant (command line only)",
 }
 _FLAG = re.compile(r"--[a-z][a-z0-9-]*")
 

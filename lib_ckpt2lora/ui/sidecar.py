@@ -30,9 +30,11 @@ PRESET_NAMES = {
     "sdxl": "xl",
     "zimage": "zit",
     "flux": "flux",
+    "flux2": "klein",
     "chroma": "flux",
     "qwen_image": "qwen",
     "lumina2": "lumina",
+    "wan": "wan",
     "anima": "anima",
 }
 UNKNOWN = "Unknown"

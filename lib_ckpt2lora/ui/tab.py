@@ -54,5 +54,6 @@ def build_tab(services, css: str | None = None, title: str | None = None) -> gr.
         list_button=layout.list_button,
         list_layers=events.list_layers,
         layers=layout.layers,
+        merge=SimpleNamespace(layout=layout.merge, events=events.merge),
     )
     return blocks

@@ -14,6 +14,7 @@ import gradio as gr
 from ..options import FORMATS, SAVE_DTYPES, SVD_MODES
 from . import chart, job
 from .compat import table_kwargs
+from .merge_layout import build_merge_layout
 
 PREFIX = "ckpt2lora_"
 
@@ -49,7 +50,8 @@ def build_layout(services) -> SimpleNamespace:
             actions = _switches_and_actions(services, inputs)
         with gr.Column(scale=6, elem_id=_id("results")):
             results = _results()
-    return SimpleNamespace(inputs=inputs, refresh=refresh, **vars(actions), **vars(results))
+    merge = build_merge_layout(services)  # the "Merge LoRAs" section (merge_layout.py)
+    return SimpleNamespace(inputs=inputs, refresh=refresh, merge=merge, **vars(actions), **vars(results))
 
 
 def _model_inputs(services, c: dict, defaults: job.Form):

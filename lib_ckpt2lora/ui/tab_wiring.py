@@ -195,7 +195,11 @@ def wire_tab(services, layout: SimpleNamespace) -> SimpleNamespace:
             **js_kwargs(f"(...args) => ckpt2lora.compare(args, {len(compare_inputs)})"),
         )
 
+    from .merge_wiring import wire_merge  # here: merge_wiring imports status_html from this module
+
+    merge_events = wire_merge(services, layout.merge)
     return SimpleNamespace(
+        merge=merge_events,
         inputs=inputs,
         outputs=outputs,
         handler=handler,

@@ -49,6 +49,7 @@ def test_sd_version_names_per_webui():
     full_neo = types.SimpleNamespace(SD_VERSION=["Unknown", "sd", "xl", "flux", "klein", "qwen", "lumina", "zit", "wan", "anima"])
     for architecture, preset in {"flux": "flux", "chroma": "flux", "qwen_image": "qwen", "lumina2": "lumina"}.items():
         assert sidecar.sd_version_for(architecture, full_neo) == preset
+    assert sidecar.sd_version_for("flux2", full_neo) == "klein"  # Flux.2: Neo's klein preset
     assert sidecar.sd_version_for("sd15", None) == "SD1"
 
 

@@ -1,0 +1,1 @@
+"""The LoRA toolbox: what model makers do with LoRAs besides extracting one (merge, resize, batch)."""
