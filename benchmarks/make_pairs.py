@@ -10,6 +10,8 @@ Real key names and full-size shapes, synthetic values:
   TI2V 5B in the original/ComfyUI layout, no prefix, bf16: ``--blocks N`` full-width
   ``blocks.*`` (the real models have 40 / 30) plus every auxiliary module (patch_embedding
   Conv3d, text/time embeddings, time_projection, head, the modulation tables).
+* ``anima``: Anima (Cosmos-Predict2 2B DiT + LLM adapter) under ``net.``, bf16: ``--blocks N``
+  of its 28 blocks plus every auxiliary module (embedders, final layer, the 6-block adapter).
 * ``sd15``: a Stable Diffusion 1.5 single file, fp16: the full UNet in ldm names
   (``model.diffusion_model.*``) and, unless ``--no-text-encoder``, the CLIP-L text
   encoder (``cond_stage_model.transformer.text_model.*``). No VAE.
@@ -257,6 +259,54 @@ def sd15_entries(text_encoder: bool = True) -> list[tuple[str, tuple[int, ...]]]
     return entries
 
 
+# Anima (circlestone-labs, ComfyUI comfy/ldm/anima): Cosmos-Predict2 2B's DiT + the LLM adapter,
+# released under Cosmos' "net." prefix. Widths from comfy/model_detection.py ("anima") and
+# diffusers' AnimaTextConditioner defaults; --verify-shapes checks them against diffusers.
+ANIMA_PREFIX = "net."
+ANIMA_DIM = 2048
+ANIMA_HEAD_DIM = 128
+ANIMA_MLP = 8192
+ANIMA_ADALN_LORA = 256
+ANIMA_CONTEXT = 1024
+ANIMA_PATCH_IN = 68  # (16 latent channels + 1 padding mask) * 2 * 2
+ANIMA_OUT = 64  # 16 channels * 2 * 2
+ANIMA_MAIN_BLOCKS = 28
+ANIMA_ADAPTER = dict(dim=1024, blocks=6, head_dim=64, vocab=32128)
+
+
+def anima_entries(blocks: int = ANIMA_MAIN_BLOCKS) -> list[tuple[str, tuple[int, ...]]]:
+    """``blocks`` DiT blocks plus every auxiliary module (embedders, final layer, LLM adapter)."""
+    d, a = ANIMA_DIM, ANIMA_ADAPTER["dim"]
+    out: list[tuple[str, tuple[int, ...]]] = []
+    for i in range(blocks):
+        p = f"blocks.{i}."
+        for attn, kv_in in (("self_attn", d), ("cross_attn", ANIMA_CONTEXT)):
+            out += [(f"{p}{attn}.q_proj.weight", (d, d)), (f"{p}{attn}.k_proj.weight", (d, kv_in)),
+                    (f"{p}{attn}.v_proj.weight", (d, kv_in)), (f"{p}{attn}.output_proj.weight", (d, d)),
+                    (f"{p}{attn}.q_norm.weight", (ANIMA_HEAD_DIM,)), (f"{p}{attn}.k_norm.weight", (ANIMA_HEAD_DIM,))]
+        out += [(f"{p}mlp.layer1.weight", (ANIMA_MLP, d)), (f"{p}mlp.layer2.weight", (d, ANIMA_MLP))]
+        for mod in ("self_attn", "cross_attn", "mlp"):
+            out += [(f"{p}adaln_modulation_{mod}.1.weight", (ANIMA_ADALN_LORA, d)),
+                    (f"{p}adaln_modulation_{mod}.2.weight", (3 * d, ANIMA_ADALN_LORA))]
+    out += [("x_embedder.proj.1.weight", (d, ANIMA_PATCH_IN)), ("t_embedder.1.linear_1.weight", (d, d)),
+            ("t_embedder.1.linear_2.weight", (3 * d, d)), ("t_embedding_norm.weight", (d,)),
+            ("final_layer.adaln_modulation.1.weight", (ANIMA_ADALN_LORA, d)),
+            ("final_layer.adaln_modulation.2.weight", (2 * d, ANIMA_ADALN_LORA)),
+            ("final_layer.linear.weight", (ANIMA_OUT, d))]
+    q = "llm_adapter."
+    out += [(q + "embed.weight", (ANIMA_ADAPTER["vocab"], a)), (q + "out_proj.weight", (a, a)), (q + "out_proj.bias", (a,)),
+            (q + "norm.weight", (a,))]
+    for i in range(ANIMA_ADAPTER["blocks"]):
+        p = f"{q}blocks.{i}."
+        for attn in ("self_attn", "cross_attn"):
+            out += [(f"{p}norm_{attn}.weight", (a,))]
+            out += [(f"{p}{attn}.{name}.weight", (a, a)) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+            out += [(f"{p}{attn}.{name}.weight", (ANIMA_ADAPTER["head_dim"],)) for name in ("q_norm", "k_norm")]
+        out += [(f"{p}norm_mlp.weight", (a,)), (f"{p}mlp.0.weight", (4 * a, a)), (f"{p}mlp.0.bias", (4 * a,)),
+                (f"{p}mlp.2.weight", (a, 4 * a)), (f"{p}mlp.2.bias", (a,))]
+    return [(ANIMA_PREFIX + k, s) for k, s in out]
+
+
 # Wan 2.1/2.2 (original / ComfyUI layout): width, FFN width, input and output latent channels,
 # blocks of the released models (diffusers' Wan-AI/*-Diffusers transformer configs).
 WAN_SIZES = {"wan": (5120, 13824, 16, 16, 40), "wan5b": (3072, 14336, 48, 48, 30)}
@@ -373,7 +423,9 @@ def pair_layout(arch: str, blocks: int = 1, text_encoder: bool = True) -> tuple[
         return sd15_entries(text_encoder), torch.float16, {"format": "pt"}
     if arch in WAN_SIZES:
         return wan_entries(arch, blocks), torch.bfloat16, {"format": "pt"}
-    raise ValueError(f"unknown architecture {arch!r} (zimage, sd15, wan, wan5b)")
+    if arch == "anima":
+        return anima_entries(blocks), torch.bfloat16, {"format": "pt"}
+    raise ValueError(f"unknown architecture {arch!r} (zimage, sd15, wan, wan5b, anima)")
 
 
 def default_names(arch: str, blocks: int) -> tuple[str, str]:
@@ -478,6 +530,7 @@ def verify_shapes() -> bool:
     if next(iter(want)).startswith("text_model."):
         got = {"text_model." + k: s for k, s in got.items()}
     ok &= _compare("CLIP-L text model vs transformers CLIPTextModel", got, want)
+    ok &= verify_anima_shapes()
     ok &= verify_wan_shapes()
     return ok
 
@@ -497,6 +550,26 @@ def verify_wan_shapes() -> bool:
         got = {k: tuple(v.shape) for k, v in convert_wan_transformer_to_diffusers(original).items()}
         ok &= _compare(f"{arch} ({blocks} blocks) vs diffusers WanTransformer3DModel", got, want)
     return ok
+
+
+def verify_anima_shapes() -> bool:
+    """Anima (28 blocks) in ComfyUI's names vs diffusers' CosmosTransformer3DModel + AnimaTextConditioner."""
+    from diffusers import AnimaTextConditioner, CosmosTransformer3DModel
+
+    from lib_ckpt2lora.architectures.anima import TEXT_CONDITIONER, diffusers_name
+
+    with torch.device("meta"):
+        transformer = CosmosTransformer3DModel(
+            num_attention_heads=16, attention_head_dim=128, num_layers=28, text_embed_dim=1024, adaln_lora_dim=256,
+            rope_scale=(1.0, 4.0, 4.0), extra_pos_embed_type=None)
+        conditioner = AnimaTextConditioner()
+    want = {"transformer." + k: tuple(v.shape) for k, v in transformer.state_dict().items()}
+    want |= {TEXT_CONDITIONER + k: tuple(v.shape) for k, v in conditioner.state_dict().items()}
+    got = {}
+    for key, shape in anima_entries(ANIMA_MAIN_BLOCKS):
+        module, _, param = key[len(ANIMA_PREFIX):].rpartition(".")
+        got[f"{diffusers_name(module)}.{param}"] = shape
+    return _compare("Anima (28 blocks) vs diffusers CosmosTransformer3DModel + AnimaTextConditioner", got, want)
 
 
 def zimage_original_to_diffusers(key: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
@@ -530,7 +603,7 @@ def _compare(title: str, got: dict, want: dict) -> bool:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("arch", nargs="?", choices=("zimage", "sd15", *WAN_SIZES), help="which pair to generate")
+    ap.add_argument("arch", nargs="?", choices=("zimage", "sd15", *WAN_SIZES, "anima"), help="which pair to generate")
     ap.add_argument("--out-dir", type=Path, default=Path("/tmp/ckpt2lora_pairs"))
     ap.add_argument("--blocks", type=int, default=1,
                     help=f"Z-Image main blocks (real model: {ZIMAGE_MAIN_BLOCKS}); Wan blocks (40 for 14B, 30 for 5B)")
@@ -552,8 +625,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.verify_shapes:
         return 0 if verify_shapes() else 1
     if args.arch is None:
-        ap.error("choose an architecture: zimage, sd15, wan or wan5b")
+        ap.error("choose an architecture: zimage, sd15, wan, wan5b or anima")
     most = WAN_SIZES[args.arch][4] if args.arch in WAN_SIZES else ZIMAGE_MAIN_BLOCKS
+    most = ANIMA_MAIN_BLOCKS if args.arch == "anima" else most
     if args.blocks < 0 or args.blocks > most:
         ap.error(f"--blocks must be 0..{most}")
     settings = DeltaSettings(args.rel, args.noise, args.delta_rank, args.decay_min, args.decay_max, args.rel_spread)

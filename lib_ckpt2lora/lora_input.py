@@ -208,11 +208,13 @@ def adapter_config_alphas(metadata: dict[str, str], modules: dict[str, LoraModul
     alphas = {}
     for name in modules:
         part, _, path = normalise(name).partition(":")
-        for prefix in ("", *COMPONENTS.get(part, ())):
+        head = name.partition(".")[0] + "."
+        own = head + "lora_alpha" in config  # a component of its own (Anima's text_conditioner.)
+        for prefix in (head,) if own else ("", *COMPONENTS.get(part, ())):
             alpha = config.get(prefix + "lora_alpha")
             if alpha is None:
                 continue
-            module_path = _peft_module_path(name)
+            module_path = name[len(head) :] if own else _peft_module_path(name)
             for pattern, value in (config.get(prefix + "alpha_pattern") or {}).items():
                 if re.match(rf"(.*\.)?({pattern})$", module_path):
                     alpha = value

@@ -13,6 +13,9 @@ from .options import ExtractOptions
 # diffusers' header key for a peft adapter config, and the component it describes.
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 COMPONENT = "transformer"
+# Other components a DiT LoRA may address, each given its own config (diffusers reads the
+# header per component prefix): Anima's text conditioner (AnimaLoraLoaderMixin).
+OTHER_COMPONENTS = ("text_conditioner",)
 
 
 def lora_metadata(
@@ -53,17 +56,25 @@ def adapter_config(module_ranks: dict[str, int]) -> str:
     the wrong scale (their alpha defaults to the first rank); with this header every
     diffusers version uses the ranks and alphas as they are. ComfyUI and Forge ignore it.
     """
-    ranks = {_without_prefix(module): rank for module, rank in module_ranks.items()}
-    common = Counter(ranks.values()).most_common(1)[0][0]
-    patterns = _anchored(ranks)
-    config = {
-        "r": common,
-        "lora_alpha": common,
-        "rank_pattern": patterns,
-        "alpha_pattern": patterns,
-        "target_modules": sorted(ranks),
-    }
-    return json.dumps({f"{COMPONENT}.{key}": value for key, value in config.items()}, sort_keys=True)
+    by_component: dict[str, dict[str, int]] = {}
+    for module, rank in module_ranks.items():
+        component, _, rest = module.partition(".")
+        if component not in OTHER_COMPONENTS:
+            component, rest = COMPONENT, _without_prefix(module)
+        by_component.setdefault(component, {})[rest] = rank
+    header = {}
+    for component, ranks in by_component.items():
+        common = Counter(ranks.values()).most_common(1)[0][0]
+        patterns = _anchored(ranks)
+        config = {
+            "r": common,
+            "lora_alpha": common,
+            "rank_pattern": patterns,
+            "alpha_pattern": patterns,
+            "target_modules": sorted(ranks),
+        }
+        header.update({f"{component}.{key}": value for key, value in config.items()})
+    return json.dumps(header, sort_keys=True)
 
 
 def _anchored(ranks: dict[str, int]) -> dict[str, int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from ..constants import KNOWN_FAMILIES
 from ..errors import UserError
 from ..reading import TensorInfo
+from .anima import Anima
 from .base import Architecture, FileView, Group, LoraStyle, RawRef
 from .chroma import Chroma
 from .flux import Flux
@@ -20,7 +21,7 @@ from .stable_diffusion import SD15, SDXL
 from .wan import Wan
 from .zimage import ZImage
 
-DETECTION_ORDER: tuple[type[Architecture], ...] = (Lumina2, ZImage, Flux2, Flux, Chroma, QwenImage, Wan, SDXL, SD15)
+DETECTION_ORDER: tuple[type[Architecture], ...] = (Lumina2, ZImage, Flux2, Flux, Chroma, QwenImage, Anima, Wan, SDXL, SD15)
 
 __all__ = ["KNOWN_FAMILIES", "Architecture", "FileView", "Group", "LoraStyle", "RawRef", "detect"]
 

@@ -35,6 +35,7 @@ PRESET_NAMES = {
     "qwen_image": "qwen",
     "lumina2": "lumina",
     "wan": "wan",
+    "anima": "anima",
 }
 UNKNOWN = "Unknown"
 

@@ -53,6 +53,19 @@ VERIFIED = {
     "networks.py": {"available_networks", "available_network_aliases", "list_available_networks"},
     "network.py": {"SdVersion", "NetworkOnDisk"},  # SdVersion: A1111 and lllyasviel Forge, not Neo
     "../stub_neo/network.py": {"SD_VERSION", "NetworkOnDisk"},  # Forge Neo
+    # Forge Neo's own listing (--ckpt-dirs + models/Stable-diffusion, checkpoint_tiles -> names)
+    "../stub_neo/sd_models.py": {
+        "model_dir",
+        "model_path",
+        "checkpoints_list",
+        "checkpoint_aliases",
+        "CheckpointInfo",
+        "checkpoint_tiles",
+        "list_models",
+        "re_strip_checksum",
+        "get_closet_checkpoint_match",
+        "unload_model_weights",
+    },
 }
 
 ATTRIBUTES = {  # names used on objects, each present in all three WebUIs unless noted
