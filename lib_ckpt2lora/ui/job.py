@@ -68,6 +68,7 @@ FLAG_LABELS = {
     "--expert": "the Wan 2.2 expert option (command line only)",
     "--base-low": "the low-noise expert's base (command line only)",
     "--variant-low": "the low-noise expert's variant (command line only)",
+    "--merge": "LoRAs to merge",
 }
 _FLAG = re.compile(r"--[a-z][a-z0-9-]*")
 
