@@ -166,18 +166,24 @@ def randomized_svd(
     projections = [_product(a.T, bases[0])]  # Z_i = A^T Q_i = (Q_i^T A)^T
     kept = _kept_energy(projections, keep)
     for iteration in range(1, max_iterations + 1):
+        if (len(bases) + 1) * block > a.shape[1]:
+            break  # the space would exceed the delta's rank bound (its smaller side)
         basis = _next_block(_product(a, projections[-1]), bases)
         bases.append(basis)
         projections.append(_product(a.T, basis))
         previous, kept = kept, _kept_energy(projections, keep)
         if iteration >= min_iterations and len(bases) * block >= k and kept - previous <= tolerance * kept:
             break
-    u, s, vh = _ritz_triplets(torch.cat(bases, dim=1), torch.cat(projections, dim=1))
-    u, s, vh = u[:, :k], s[:k], vh[:k]
-    if a.dtype != exact_a.dtype:
-        # The bf16 products chose the subspace; the values and factors come from the fp32
-        # delta projected on it (one more product, k columns wide), so the values are
-        # again lower bounds of the true ones and the energies exact for the factors.
+    basis, projection = torch.cat(bases, dim=1), torch.cat(projections, dim=1)
+    if a.dtype == exact_a.dtype:
+        u, s, vh = _ritz_triplets(basis, projection)
+        u, s, vh = u[:, :k], s[:k], vh[:k]
+    else:
+        # The bf16 products chose the subspace: its k leading Ritz vectors (from the Gram
+        # matrix, which only has to rank them) span where the fp32 delta is projected
+        # (one more product, k columns wide). Values and factors are the fp32 delta's:
+        # lower bounds of the true values again, energies exact for the factors.
+        u = basis @ _leading_eigenvectors(projection, k).to(basis.dtype)
         u_small, s, vh = on_supporting_device(torch.linalg.svd, u.T @ exact_a, full_matrices=False)
         u = u @ u_small
     if transposed:
@@ -213,6 +219,14 @@ def _kept_energy(projections: list[torch.Tensor], keep: int) -> float:
     gram = to_float64((z.T @ z).cpu())
     values = torch.linalg.eigvalsh(gram)
     return float(values.flip(0)[:keep].clamp(min=0).sum())
+
+
+def _leading_eigenvectors(projection: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` leading eigenvectors of projection^T projection (float64, on the CPU),
+    i.e. B's leading left singular vectors for B = projection^T."""
+    gram = to_float64((projection.T @ projection).cpu())
+    _, vectors = torch.linalg.eigh(gram)
+    return vectors.flip(1)[:, :count].to(projection.device)
 
 
 def _ritz_triplets(basis: torch.Tensor, projection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
