@@ -35,7 +35,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-NAMES = {"a": "(a) ours", "b": "(b) peer full SVD", "c": "(c) I/O floor"}
+NAMES = {"a": "(a) ours", "b": "(b) peer full SVD", "c": "(c) I/O floor", "p": "(p) peer svd_lowrank"}
 
 
 # --------------------------------------------------------------------- measuring
@@ -148,7 +148,10 @@ def commands(args, base: Path, variant: Path, work: Path, tag: str) -> dict[str,
          "--out", str(work / f"peer_{tag}.safetensors"), "--spectra", str(work / f"peer_{tag}_spectra.pt"),
          "--device", args.device or "cpu", "--max-seconds", str(args.peer_max_seconds)]
     c = [py, str(HERE / "io_floor.py"), "--base", str(base), "--variant", str(variant), "--device", args.device or "cpu"]
-    return {"a": (a, ours_out), "b": (b, work / f"peer_{tag}.safetensors"), "c": (c, None)}
+    p = [py, str(HERE / "peer_lowrank.py"), "--base", str(base), "--variant", str(variant),
+         "--out", str(work / f"lowrank_{tag}.safetensors")]
+    return {"a": (a, ours_out), "b": (b, work / f"peer_{tag}.safetensors"), "c": (c, None),
+            "p": (p, work / f"lowrank_{tag}.safetensors")}
 
 
 def raw_rank_file(report_path: Path, base: Path, out: Path) -> Path | None:
@@ -212,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                          "work done (marked 'est.'); 0 = run it to the end")
     ap.add_argument("--eval-max-seconds", type=float, default=0,
                     help="stop the energy comparison after this long (0 = every layer)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="OMP_NUM_THREADS for every run (torch's intra-op threads; 0: torch's default)")
     ap.add_argument("--json-out", type=Path, help="write every figure here as JSON")
     args = ap.parse_args(argv)
 
@@ -231,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give --arch (to generate a pair) or both --base and --variant")
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     if any(r not in NAMES for r in runs):
-        ap.error("--runs takes a comma-separated subset of a,b,c")
+        ap.error("--runs takes a comma-separated subset of a,b,c,p")
 
     size = base.stat().st_size + variant.stat().st_size
     machine = machine_description(args.device or "cpu")
@@ -252,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     peer_spectra: Path | None = None
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                PYTHONUNBUFFERED="1")
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    print(f"torch intra-op threads: {args.threads or 'default'}")
     print(f"\n{'run':<20} {'round':>5} {'wall s':>9} {'CPU s':>9} {'peak RSS MB':>12} {'peak anon MB':>13}",
           flush=True)
     for rnd in range(args.repeats):
@@ -266,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             if out is not None:
                 out.unlink(missing_ok=True)
             res = run_measured(cmd, work / f"log_{r}{rnd}.txt", env)
+            res["load_1min"] = os.getloadavg()[0]  # the machine is shared: every figure with its load
             if r == "b" and res["rc"] == 0:
                 peer_estimate(res)
             results[r].append(res)
@@ -274,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                 note += (f"  (est.: stopped after {res['wall_s_measured']:.0f} s having factored "
                          f"{res['peer']['layers']}/{res['peer']['layers_planned']} layers)")
             print(f"{NAMES[r]:<20} {rnd + 1:>5} {res['wall_s']:>9.1f} {res['cpu_s']:>9.1f} {res['peak_rss_mb']:>12.0f} "
-                  f"{res['peak_anon_mb']:>13.0f}{note}", flush=True)
+                  f"{res['peak_anon_mb']:>13.0f}  load {res['load_1min']:.1f}{note}", flush=True)
             if res["rc"] != 0:
                 continue
             if r == "a":
@@ -283,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                     ranks_path = raw_rank_file(report_path, base, work / "ranks_for_peer.json")
             elif r == "b":
                 peer_spectra = work / f"peer_b{rnd}_spectra.pt"
-            if out is not None and r == "b":
+            if out is not None and r in "bp":
                 out.unlink(missing_ok=True)  # the peer's own LoRA is not needed afterwards
 
     ok = {r: [x for x in v if x["rc"] == 0] for r, v in results.items()}
@@ -301,14 +310,32 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{NAMES[r]:<20} {'failed':>13}")
             continue
         ratios = []
-        if r != "b" and "b" in med:
-            extra = f"; {fmt_ratio(cpu['b'] / cpu[r])}" if "b" in cpu and r in cpu and cpu[r] > 0 else ""
-            ratios.append(f"{fmt_ratio(med['b'] / med[r])}{extra} faster than (b)")
+        for peer in "bp":
+            if r not in (peer, "c") and peer in med:
+                extra = f"; {fmt_ratio(cpu[peer] / cpu[r])}" if peer in cpu and r in cpu and cpu[r] > 0 else ""
+                ratios.append(f"{fmt_ratio(med[peer] / med[r])}{extra} faster than ({peer})")
         if r != "c" and "c" in med:
             extra = f"; {fmt_ratio(cpu[r] / cpu['c'])}" if "c" in cpu and r in cpu and cpu["c"] > 0 else ""
             ratios.append(f"{fmt_ratio(med[r] / med['c'])}{extra} the I/O floor")
         cpu_text = f"{cpu[r]:.1f}" if r in cpu else "-"
         print(f"{NAMES[r]:<20} {med[r]:>13.1f} {cpu_text:>13} {rss[r]:>16.0f}   {', '.join(ratios)}")
+
+    peer_energy = None
+    if not args.no_eval and "p" in runs:
+        # Untimed: the peer's per-layer energy against the optimum, and the exact spectra
+        # (fp32 svdvals per checkpoint tensor) that the evaluation of (a) then reuses.
+        energy_json, spectra = work / "lowrank_energy.json", work / "lowrank_spectra.pt"
+        cmd = commands(args, base, variant, work, "eval")["p"][0] + ["--energy-json", str(energy_json),
+                                                                     "--spectra", str(spectra)]
+        print("\nmeasuring the peer's per-layer energy (untimed) ...", flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+        print(proc.stdout.rstrip() or proc.stderr.rstrip()[-3000:])
+        if proc.returncode == 0:
+            peer_energy = json.loads(energy_json.read_text())
+            peer_energy.pop("all", None)
+            if peer_spectra is None:
+                peer_spectra = spectra
+        (work / "lowrank_eval.safetensors").unlink(missing_ok=True)
 
     evaluation = None
     if not args.no_eval and ours_lora is not None and ours_lora.exists():
@@ -333,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         args.json_out.write_text(json.dumps({
             "machine": machine, "base": str(base), "variant": str(variant), "pair_gib": size / 2**30,
             "device": args.device, "runs": results, "median_s": med, "median_cpu_s": cpu, "max_peak_rss_mb": rss,
-            "evaluation_summary": evaluation and evaluation["summary"],
+            "evaluation_summary": evaluation and evaluation["summary"], "peer_lowrank_energy": peer_energy,
+            "threads": args.threads,
         }, indent=1))
     failed = any(x["rc"] != 0 for v in results.values() for x in v)
     return 1 if failed else 0

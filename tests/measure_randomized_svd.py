@@ -1,10 +1,11 @@
-"""Measure the randomized SVD's power-iteration policies against the exact float64 SVD.
+"""Measure the randomized SVD's iteration policies against the exact float64 SVD.
 
 Not a test: run ``python tests/measure_randomized_svd.py [--full]`` (nice it; --full adds
 the full-width [3840,3840], [10240,3840], [3840,10240] layers, minutes on 2 cores).
-For each policy it prints the captured energy at the automatic rank as a fraction of the
-optimum at that rank (worst and mean over layers and thresholds), the rank mismatches
-against the exact rule, the power iterations run, and the time of the randomized SVDs.
+For each policy (block Krylov iterations, fp32 or bf16 products) it prints the captured
+energy at the automatic rank as a fraction of the optimum at that rank (worst and mean
+over layers and thresholds), the rank mismatches against the exact rule, the Krylov
+iterations run, and the CPU time of the randomized SVDs.
 """
 
 from __future__ import annotations
@@ -27,15 +28,15 @@ TEST_SHAPES = [(1024, 1024), (1536, 1024), (1024, 1280)]
 FULL_SHAPES = [(3840, 3840), (10240, 3840), (3840, 10240)]
 THRESHOLDS = (0.5, 0.8, 0.95)
 CAP = 64
-# name: (oversample, keyword arguments of randomized_svd)
+# name: (oversample, keyword arguments of randomized_svd, bf16 products where the CPU has them)
 POLICIES = {
-    "fixed q=2 (before)": (16, dict(min_iterations=2, max_iterations=2)),
-    "fixed q=4": (16, dict(min_iterations=4, max_iterations=4)),
-    "q=2, oversample 48": (48, dict(min_iterations=2, max_iterations=2)),
-    "adaptive 1e-3, 1..8": (16, dict(min_iterations=1, max_iterations=8, tolerance=1e-3)),
-    "adaptive 1e-3, 2..8 (default)": (16, dict(min_iterations=2, max_iterations=8, tolerance=1e-3)),
-    "adaptive 3e-4, 2..8": (16, dict(min_iterations=2, max_iterations=8, tolerance=3e-4)),
-    "adaptive 1e-4, 2..8": (16, dict(min_iterations=2, max_iterations=8, tolerance=1e-4)),
+    "fixed 2, fp32": (16, dict(min_iterations=2, max_iterations=2), False),
+    "fixed 3, fp32": (16, dict(min_iterations=3, max_iterations=3), False),
+    "adaptive 1e-3, fp32": (16, dict(min_iterations=1, max_iterations=8, tolerance=1e-3), False),
+    "adaptive 3e-3, fp32": (16, dict(min_iterations=1, max_iterations=8, tolerance=3e-3), False),
+    "adaptive 1e-3, bf16": (16, dict(min_iterations=1, max_iterations=8, tolerance=1e-3), True),
+    "adaptive 3e-3, bf16 (default)": (16, dict(min_iterations=1, max_iterations=8, tolerance=3e-3), True),
+    "adaptive 1e-2, bf16": (16, dict(min_iterations=1, max_iterations=8, tolerance=1e-2), True),
 }
 
 
@@ -46,16 +47,16 @@ def realistic_layer(rows, cols, seed, spectrum):
     return (base.float() + delta).to(torch.bfloat16).float() - base.float()
 
 
-def count_iterations(policy_kwargs):
-    """Power iterations run: QRs after the first."""
-    counter = {"qr": 0}
-    real_qr = torch.linalg.qr
+def count_iterations():
+    """Krylov iterations run: blocks measured after the first."""
+    counter = {"blocks": 0}
+    real = svd._kept_energy
 
-    def counting_qr(*args, **kwargs):
-        counter["qr"] += 1
-        return real_qr(*args, **kwargs)
+    def counting(*args, **kwargs):
+        counter["blocks"] += 1
+        return real(*args, **kwargs)
 
-    return counter, counting_qr
+    return counter, counting
 
 
 def main() -> None:
@@ -63,7 +64,7 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="add the full-width layers")
     parser.add_argument("--only-full", action="store_true")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # CPU seconds of one thread: comparable across policies
     layers = []
     if not args.only_full:
         layers += [(f"{name} {r}x{c}", r, c, s, name) for name in SPECTRA for s, (r, c) in enumerate(TEST_SHAPES)]
@@ -78,23 +79,23 @@ def main() -> None:
         exact_time = time.perf_counter() - started
         cumulative = torch.cumsum(exact**2, 0) / float((exact**2).sum())
         print(f"{label}: exact float64 svdvals {exact_time:.1f} s, optimum at cap {float(cumulative[CAP - 1]):.4f}", flush=True)
-        for name, (oversample, kwargs) in POLICIES.items():
-            counter, counting_qr = count_iterations(kwargs)
-            torch.linalg.qr, real = counting_qr, torch.linalg.qr
+        for name, (oversample, kwargs, bf16) in POLICIES.items():
+            counter, counting = count_iterations()
+            real, svd._kept_energy, svd.BF16_ON_CPU = svd._kept_energy, counting, bf16
             try:
-                started = time.perf_counter()
+                started = time.process_time()
                 _, s, _ = svd.randomized_svd(delta, CAP + oversample, keep=CAP, generator=rl.generator(seed + 7), **kwargs)
-                elapsed = time.perf_counter() - started
+                elapsed = time.process_time() - started
             finally:
-                torch.linalg.qr = real
+                svd._kept_energy, svd.BF16_ON_CPU = real, True
             for threshold in THRESHOLDS:
                 rank = rank_for_energy(s, total, threshold, CAP)
                 expected = min(int(torch.nonzero(cumulative >= threshold)[0]) + 1, CAP)
                 captured = float((s[:rank].double() ** 2).sum()) / total
                 ratio = captured / float(cumulative[rank - 1])
-                results[name].append((ratio, rank != expected, counter["qr"] - 1, elapsed, label, threshold))
+                results[name].append((ratio, rank != expected, counter["blocks"] - 1, elapsed, label, threshold))
     print(f"\n{len(layers)} layers x {len(THRESHOLDS)} thresholds, cap {CAP}")
-    print(f"{'policy':32} {'worst':>8} {'mean':>8} {'rank!=':>6} {'iters':>9} {'time s':>8}  worst case")
+    print(f"{'policy':32} {'worst':>8} {'mean':>8} {'rank!=':>6} {'iters':>9} {'CPU s':>8}  worst case")
     for name, rows in results.items():
         ratios = [r[0] for r in rows]
         worst = min(rows, key=lambda r: r[0])
