@@ -192,13 +192,13 @@ def main(argv: list[str] | None = None, stop: threading.Event | None = None) -> 
     if args.merge:
         from .toolbox.merge_cli import run_merge
 
-        return run_merge(parser, args)
+        return run_merge(parser, args, stop)
     if args.base is None or args.variant is None:
         parser.error("the following arguments are required: --base and --variant (or --merge LORA ...)")
     if len(args.variant) > 1:  # a batch (toolbox/batch.py): one LoRA per variant, the base read once
         from .toolbox.batch import run_cli
 
-        return run_cli(args)
+        return run_cli(args, stop)
     args.variant = args.variant[0]
     if args.out is None and not args.list_layers:
         parser.error("the following arguments are required: --out (or pass --list-layers for a dry run)")
@@ -229,20 +229,29 @@ def main(argv: list[str] | None = None, stop: threading.Event | None = None) -> 
     except KeyboardInterrupt:
         return _interrupted()
     for opts, result in results:
-        report = result.report
-        if args.verbose:
-            print(report.verbose_text())
-        if args.summary or args.verbose:
-            print(report.summary_text())
-        if opts.report_json:
-            Path(opts.report_json).write_text(json.dumps(report.to_dict(), indent=1))
-        for path in result.outputs:
-            print(f"Saved {path} ({format_size(path.stat().st_size)}, {len(report.layers)} LoRA layers).")
-        for line in report.budget_lines():
-            print(line)
-        if report.loads_in and not opts.checkpoint and not opts.checkpoint_full:
-            print(f"Format {report.format}: {report.loads_in}.")
+        checkpoint = opts.checkpoint or opts.checkpoint_full
+        print_run(result.report, result.outputs, args, opts.report_json, show_format=not checkpoint)
     return 0
+
+
+def print_run(report, outputs, args: argparse.Namespace, report_json=None, show_format: bool = True, label: str = "") -> None:
+    """What a run prints when it is done (an extraction, each of a batch's variants, a merge):
+    per-layer lines (--verbose), the table (--summary), the JSON report, each file saved, the
+    budget chosen, and which loaders apply the file; ``label`` heads a batch variant's lines."""
+    if label and (args.verbose or args.summary):
+        print(f"== {label} ==")
+    if args.verbose:
+        print(report.verbose_text())
+    if args.summary or args.verbose:
+        print(report.summary_text())
+    if report_json:
+        Path(report_json).write_text(json.dumps(report.to_dict(), indent=1))
+    for path in outputs:
+        print(f"Saved {path} ({format_size(path.stat().st_size)}, {len(report.layers)} LoRA layers).")
+    for line in report.budget_lines():
+        print(f"{label}: {line}" if label else line)
+    if show_format and report.loads_in:
+        print(f"Format {report.format}: {report.loads_in}.")
 
 
 def _runs(args: argparse.Namespace, opts: ExtractOptions) -> list[ExtractOptions]:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ..budget import format_size
 from ..constants import PREFETCH_DEPTH
 from ..devices import fast_matmuls, resolve_device
 from ..errors import Cancelled, UserError
@@ -232,16 +233,15 @@ def _finish(members: list[_Member], should_stop, log) -> None:
         member.outcome.result = ExtractResult(outputs, plan.arch.name, plan.report, list(plan.report.warnings))
 
 
-def run_cli(args) -> int:
+def run_cli(args, stop: threading.Event) -> int:
     """``--variant`` with several files on the command line (cli.main dispatches here):
     one report per output, one line per variant at the end; exit 2 when any variant
-    failed (the others are written), 130 on an interrupt."""
-    import json
-
-    from ..cli import _install_signal_handlers, _progress_bar, _return_freed_memory_to_the_system, options_from_args
+    failed (the others are written), 130 on an interrupt. ``stop``: the command's (set by
+    a Ctrl-C or SIGTERM, also one pressed while it started)."""
+    from ..cli import _install_signal_handlers, _progress_bar, _return_freed_memory_to_the_system, options_from_args, print_run
 
     _return_freed_memory_to_the_system()
-    stop, running = threading.Event(), threading.Event()
+    running = threading.Event()
     _install_signal_handlers(stop, running)
     try:
         if args.list_layers:
@@ -258,6 +258,8 @@ def run_cli(args) -> int:
             )
         variants = [Path(variant) for variant in args.variant]
         opts = options_from_args(argparse_copy(args, variant=variants[0], out=None, report_json=None))
+        if stop.is_set():  # pressed while starting up
+            raise Cancelled()
         running.set()
         try:
             batch = extract_batch(opts, variants, Path(args.out), progress=_progress_bar(), should_stop=stop.is_set)
@@ -272,25 +274,15 @@ def run_cli(args) -> int:
         print("ckpt2lora: Interrupted: no partial file was left (LoRAs written before the stop stay).", file=sys.stderr)
         return 130
     for outcome in batch.outcomes:
-        if not outcome.ok:
-            continue
-        report = outcome.result.report
-        if args.verbose or args.summary:
-            print(f"== {outcome.variant.name} ==")
-        if args.verbose:
-            print(report.verbose_text())
-        if args.summary or args.verbose:
-            print(report.summary_text())
-        if report_dir is not None:
-            (report_dir / f"{outcome.variant.stem}.json").write_text(json.dumps(report.to_dict(), indent=1))
-        for line in report.budget_lines():
-            print(f"{outcome.variant.name}: {line}")
+        if outcome.ok:
+            report_json = report_dir / f"{outcome.variant.stem}.json" if report_dir is not None else None
+            print_run(outcome.result.report, [], args, report_json, show_format=False, label=outcome.variant.name)
     loads_in = next((o.result.report for o in batch.outcomes if o.ok), None)
     if loads_in is not None and loads_in.loads_in:
         print(f"Format {loads_in.format}: {loads_in.loads_in}.")
     for outcome in batch.outcomes:
         if outcome.ok:
-            sizes = ", ".join(f"{path} ({path.stat().st_size / 2**20:.1f} MiB)" for path in outcome.result.outputs)
+            sizes = ", ".join(f"{path} ({format_size(path.stat().st_size)})" for path in outcome.result.outputs)
             print(f"Saved   {outcome.variant.name}: {sizes}, {len(outcome.result.report.layers)} LoRA layers.")
         else:
             print(f"FAILED  {outcome.variant.name}: {outcome.error}")

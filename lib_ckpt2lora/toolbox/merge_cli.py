@@ -4,12 +4,10 @@ the command line of a merge or resize, on the extraction's flags where they mean
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import threading
 from pathlib import Path
 
-from ..budget import format_size
 from ..errors import Cancelled, UserError
 
 # Extraction flags that mean nothing for a merge: refused rather than silently ignored.
@@ -28,7 +26,8 @@ NOT_FOR_MERGE = (
 )
 
 
-def run_merge(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+def run_merge(parser: argparse.ArgumentParser, args: argparse.Namespace, stop: threading.Event) -> int:
+    """``stop``: the command's (set by a Ctrl-C or SIGTERM, also one pressed while it started)."""
     from .. import cli
     from .merge_run import MergeOptions, merge_loras
 
@@ -37,7 +36,7 @@ def run_merge(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error(f"--merge makes a LoRA from LoRAs alone; drop {', '.join(given)}")
     if args.out is None:
         parser.error("the following arguments are required: --out (the merged LoRA)")
-    stop, running = threading.Event(), threading.Event()
+    running = threading.Event()
     cli._install_signal_handlers(stop, running)
     try:
         opts = MergeOptions(
@@ -56,6 +55,8 @@ def run_merge(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         )
         if args.report_json and not Path(args.report_json).parent.is_dir():
             raise UserError(f"The folder {Path(args.report_json).parent} for --report-json does not exist; create it first.")
+        if stop.is_set():  # pressed while starting up
+            raise Cancelled()
         running.set()
         try:
             result = merge_loras(opts, progress=cli._progress_bar(), should_stop=stop.is_set)
@@ -69,17 +70,5 @@ def run_merge(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("ckpt2lora: Interrupted: nothing was written.", file=sys.stderr)
         return 130
-    report = result.report
-    if args.verbose:
-        print(report.verbose_text())
-    if args.summary or args.verbose:
-        print(report.summary_text())
-    if args.report_json:
-        Path(args.report_json).write_text(json.dumps(report.to_dict(), indent=1))
-    for path in result.outputs:
-        print(f"Saved {path} ({format_size(path.stat().st_size)}, {len(report.layers)} LoRA layers).")
-    for line in report.budget_lines():
-        print(line)
-    if report.loads_in:
-        print(f"Format {report.format}: {report.loads_in}.")
+    cli.print_run(result.report, result.outputs, args, args.report_json)
     return 0
