@@ -12,6 +12,7 @@ from ..options import FORMATS, SAVE_DTYPES
 from . import chart
 from .compat import table_kwargs
 from .merge_job import MergeForm
+from .rank_controls import rank_controls
 
 PREFIX = "ckpt2lora_merge_"
 
@@ -41,34 +42,7 @@ def build_merge_layout(services) -> SimpleNamespace:
             placeholder="empty = 1 each; e.g. 0.5, 1, -0.7 in the order chosen",
             elem_id=_id("weights"),
         )
-        with gr.Row():
-            c["rank"] = gr.Slider(
-                label="Rank", info="0 = automatic", minimum=0, maximum=512, step=1, value=defaults.rank, elem_id=_id("rank")
-            )
-            c["rank_thresh"] = gr.Slider(
-                label="Energy to keep",
-                info="automatic rank",
-                minimum=0.5,
-                maximum=1.0,
-                step=0.005,
-                value=defaults.rank_thresh,
-                elem_id=_id("rank_thresh"),
-            )
-            c["rank_max"] = gr.Slider(
-                label="Max rank",
-                info="automatic rank",
-                minimum=1,
-                maximum=512,
-                step=1,
-                value=defaults.rank_max,
-                elem_id=_id("rank_max"),
-            )
-            c["target_size"] = gr.Number(
-                label="Target size (MB)",
-                info="0 = per layer; a size chooses all ranks together (Rank must be 0)",
-                value=defaults.target_size,
-                elem_id=_id("target_size"),
-            )
+        rank_controls(c, defaults, _id, "0 = per layer; a size chooses all ranks together (Rank must be 0)")
         with gr.Row():
             c["name"] = gr.Textbox(
                 label="Output name", value="", placeholder="derived from the LoRAs' names", elem_id=_id("name")

@@ -15,6 +15,7 @@ from ..options import FORMATS, SAVE_DTYPES, SVD_MODES
 from . import chart, job
 from .compat import table_kwargs
 from .merge_layout import build_merge_layout
+from .rank_controls import rank_controls
 
 PREFIX = "ckpt2lora_"
 
@@ -116,45 +117,12 @@ def _output_inputs(c: dict, defaults: job.Form) -> None:
 
 
 def _rank_inputs(c: dict, defaults: job.Form) -> None:
-    with gr.Row():
-        c["rank"] = gr.Slider(
-            label="Rank",
-            info="0 = automatic",
-            minimum=0,
-            maximum=512,
-            step=1,
-            value=defaults.rank,
-            elem_id=_id("rank"),
-        )
-        c["rank_thresh"] = gr.Slider(
-            label="Energy to keep",
-            info="automatic rank",
-            minimum=0.5,
-            maximum=1.0,
-            step=0.005,
-            value=defaults.rank_thresh,
-            elem_id=_id("rank_thresh"),
-        )
-        c["rank_max"] = gr.Slider(
-            label="Max rank",
-            info="automatic rank",
-            minimum=1,
-            maximum=512,
-            step=1,
-            value=defaults.rank_max,
-            elem_id=_id("rank_max"),
-        )
-        # Empty or 0: the per-layer rule above. A size: the ranks of all layers chosen together
-        # for that file size (MB = 1,000,000 bytes), each layer still at most Max rank.
-        # No minimum=: gradio would refuse a negative size with its own popup, before the job;
-        # job.target_size_option refuses it in the status, like every other mistake.
-        c["target_size"] = gr.Number(
-            label="Target size (MB)",
-            info="0 = per layer (Energy to keep); a size chooses all layers' ranks together, up to Max rank "
-            "(Rank must be 0)",
-            value=defaults.target_size,
-            elem_id=_id("target_size"),
-        )
+    rank_controls(
+        c,
+        defaults,
+        _id,
+        "0 = per layer (Energy to keep); a size chooses all layers' ranks together, up to Max rank (Rank must be 0)",
+    )
 
 
 def _advanced_inputs(services, c: dict, defaults: job.Form) -> None:
