@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None, stop: threading.Event | None = None) -> 
     _return_freed_memory_to_the_system()
     running = threading.Event()
     _install_signal_handlers(stop, running)
+    results: list = []
     try:
         runs = _runs(args, options_from_args(args))
         if args.report_json and not Path(args.report_json).parent.is_dir():
@@ -218,20 +219,40 @@ def main(argv: list[str] | None = None, stop: threading.Event | None = None) -> 
             raise Cancelled()
         running.set()
         try:
-            results = [(opts, extract(opts, progress=_progress_bar(), should_stop=stop.is_set)) for opts in runs]
+            for opts in runs:
+                results.append((opts, extract(opts, progress=_progress_bar(), should_stop=stop.is_set)))
         finally:
             running.clear()
     except (UserError, Cancelled) as error:
         if args.debug:
             raise
-        print(f"ckpt2lora: {error}", file=sys.stderr)
+        _print_results(args, results)
+        print(f"ckpt2lora: {_after_saved(error, results)}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
-        return _interrupted()
+        _print_results(args, results)
+        print(f"ckpt2lora: {_after_saved(Cancelled(), results)}", file=sys.stderr)
+        return Cancelled.exit_code
+    _print_results(args, results)
+    return 0
+
+
+def _print_results(args: argparse.Namespace, results: list) -> None:
     for opts, result in results:
         checkpoint = opts.checkpoint or opts.checkpoint_full
         print_run(result.report, result.outputs, args, opts.report_json, show_format=not checkpoint)
-    return 0
+
+
+def _after_saved(error: Exception, results: list) -> str:
+    """The error's sentence; when an earlier run of this command (the high-noise expert)
+    already saved its files, the sentence says those are kept and complete."""
+    if not results:
+        return str(error)
+    saved = ", ".join(str(path) for _, result in results for path in result.outputs)
+    text = str(error)
+    if isinstance(error, Cancelled):
+        text = "Interrupted"
+    return f"{text.rstrip('.')}; already saved and complete: {saved}."
 
 
 def print_run(report, outputs, args: argparse.Namespace, report_json=None, show_format: bool = True, label: str = "") -> None:

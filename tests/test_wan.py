@@ -397,6 +397,39 @@ def test_two_experts_in_one_cli_run(tmp_path, monkeypatch, capsys):
     assert "Give both --base-low and --variant-low" in capsys.readouterr().err
 
 
+def test_two_experts_stopped_during_the_low_noise_run_names_the_saved_file(tmp_path, monkeypatch, capsys):
+    import importlib
+    import threading
+
+    from lib_ckpt2lora.architectures import wan
+
+    extract_module = importlib.import_module("lib_ckpt2lora.extract")  # the package's `extract` is the function
+
+    monkeypatch.setattr(wan, "SIZES", {32: "14B"})
+    high_base, high_variant = t2v_pair(tmp_path / "high", seed=3)
+    low_base, low_variant = t2v_pair(tmp_path / "low", seed=5)
+    out = tmp_path / "speed.safetensors"
+    stop = threading.Event()
+    real_extract, calls = extract_module.extract, []
+
+    def stop_before_the_second(opts, **kwargs):
+        calls.append(opts.expert)
+        if len(calls) == 2:
+            stop.set()  # as a Ctrl-C between the experts would
+        return real_extract(opts, **kwargs)
+
+    monkeypatch.setattr(extract_module, "extract", stop_before_the_second)
+    argv = ["--base", str(high_base), "--variant", str(high_variant), "--base-low", str(low_base),
+            "--variant-low", str(low_variant), "--out", str(out), "--min-dim", "1"]
+    assert cli.main(argv, stop=stop) == 130
+    captured = capsys.readouterr()
+    high = tmp_path / "speed_high.safetensors"
+    assert calls == ["high", "low"] and high.exists() and not (tmp_path / "speed_low.safetensors").exists()
+    assert f"Saved {high}" in captured.out
+    assert f"Interrupted; already saved and complete: {high}." in captured.err
+    assert "nothing was written" not in captured.err
+
+
 def test_sidecar_names_neos_wan_preset():
     import types
 
