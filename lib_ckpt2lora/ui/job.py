@@ -174,11 +174,15 @@ def choice_stem(choice: str | None) -> str:
     return name
 
 
-def default_name(variant: str | None, variant2: str | None, mode: str, output_kind: str) -> str:
+def default_name(
+    variant: str | None, variant2: str | None, mode: str, output_kind: str, expert: str | None = None
+) -> str:
     """The output name proposed from the variant's name (the user may type another)."""
     stem = choice_stem(variant)
     if not stem:
         return ""
+    if expert == wan_experts.BOTH:  # NAME_high / NAME_low: "my_high_noise" -> "my"
+        stem = wan_experts.without_expert_hint(stem)
     second = choice_stem(variant2) if mode in ("common", "union") else ""
     if second:
         stem = f"{stem}_{mode}_{second}"
@@ -253,7 +257,7 @@ def plan_job(services, form: Form, listing: bool = False) -> JobPlan:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UserError(f"The output folder {folder} cannot be created ({exc.strerror}).") from None
-    name = (form.name or "").strip() or default_name(form.variant, form.variant2, form.mode, form.output_kind)
+    name = (form.name or "").strip() or default_name(form.variant, form.variant2, form.mode, form.output_kind, form.expert)
     out = output_path(folder, name)
     if not out.parent.is_dir():
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -72,14 +72,14 @@ def wire_tab(services, layout: SimpleNamespace) -> SimpleNamespace:
     layout.refresh.click(fn=on_refresh, inputs=[], outputs=dropdowns)
 
     # -- the output name follows the variant until the user types one ----------------
-    def suggest(variant, variant2, mode, output_kind, name, last_auto):
-        proposal = job.default_name(variant, variant2, mode, output_kind)
+    def suggest(variant, variant2, mode, output_kind, name, last_auto, expert=None):
+        proposal = job.default_name(variant, variant2, mode, output_kind, expert)
         if not (name or "").strip() or name == last_auto:
             return gr_update(value=proposal), proposal
         return gr_update(), last_auto
 
-    suggest_inputs = [c["variant"], c["variant2"], c["mode"], c["output_kind"], c["name"], layout.auto_name]
-    for trigger in (c["variant"], c["variant2"], c["mode"], c["output_kind"]):
+    suggest_inputs = [c["variant"], c["variant2"], c["mode"], c["output_kind"], c["name"], layout.auto_name, c["expert"]]
+    for trigger in (c["variant"], c["variant2"], c["mode"], c["output_kind"], c["expert"]):
         trigger.change(fn=suggest, inputs=suggest_inputs, outputs=[c["name"], layout.auto_name], queue=False)
 
     # -- Extract ---------------------------------------------------------------------

@@ -66,6 +66,15 @@ def expert_from_name(choice: str | None) -> str:
     return found[0] if len(found) == 1 else NONE
 
 
+def without_expert_hint(stem: str) -> str:
+    """A name without its expert word, for the pair's NAME_high / NAME_low ("my_high_noise" -> "my")."""
+    for _, pattern in _NAME_HINTS:
+        stripped = re.sub(r"[_\- .]?" + pattern.pattern, "", stem, flags=re.I).strip("_- .")
+        if stripped and stripped != stem:
+            return stripped
+    return stem
+
+
 def low_noise_partner(choice: str | None, choices: list[str]) -> str | None:
     """The low-noise file beside a high-noise one, by name (``..._high_noise_...`` ->
     ``..._low_noise_...``, ``..._HIGH`` -> ``..._LOW``), if it is in ``choices``."""

@@ -78,5 +78,6 @@ def result_updates(result: job.JobResult) -> list:
     """The extract event's updates of the "Expert shown" choice and its hidden JSON."""
     if not result.ok or not result.experts:
         return [gr_update(visible=False, value=wan_experts.HIGH), ""]
-    entries = [vars(entry) for entry in result.experts]
+    # the summary's groups and total only (chart.py's inputs), not every layer of a 14B model
+    entries = [{**vars(e), "report": {k: e.report.get(k) for k in ("groups", "total")}} for e in result.experts]
     return [gr_update(visible=True, value=wan_experts.HIGH), json.dumps(entries)]

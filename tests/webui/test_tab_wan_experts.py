@@ -190,6 +190,14 @@ def test_both_shows_the_low_pair_proposed_by_name(neo):
     assert wan_experts.expert_from_name("thigh_model.safetensors") == "none"
 
 
+def test_the_output_name_for_both_drops_the_expert_word(neo):
+    assert job.default_name(HIGH_FT, None, "single", "LoRA", "both") == "speed"  # -> speed_high / speed_low
+    assert job.default_name("wan22_HIGH_v2.safetensors", None, "single", "LoRA", "both") == "wan22_v2"
+    assert job.default_name(HIGH_FT, None, "single", "LoRA", "high-noise") == "speed_high_noise"  # one file: as named
+    name, _ = run_event(neo.blocks, neo.tab.suggest, [HIGH_FT, "None", "single", "LoRA", "", "", "both"])
+    assert name.get("value") == "speed"
+
+
 # -- extraction --------------------------------------------------------------------------------
 
 
