@@ -15,11 +15,14 @@ and 4.40.0 (tests/webui/run_ui_tests.sh); no diffusers needed.
 from __future__ import annotations
 
 import json
+import math
 import re
+import struct
 
 import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file
+from test_browser import app, browser, choose  # noqa: F401 (app and browser: fixtures)
 from test_neo_model_lists import load_stub
 from uihelpers import run_event, write_pair
 
@@ -302,3 +305,47 @@ def test_a_stop_after_the_first_expert_says_what_was_saved(neo, monkeypatch):
     assert "cut_high.safetensors" in result.message and "was not written" in result.message
     assert "nothing was written" not in result.message
     assert (neo.loras / "cut_high.safetensors").is_file()
+
+
+# -- in the page (headless Chromium, the standalone app of test_browser.py) ------------------------
+
+
+def write_header_only_wan_14b(path):
+    """A file with Wan 14B's real detection shapes (width 5120: no SIZES stand-in in the app's own
+    process), its data a sparse hole: the tab reads only the header to decide what to show."""
+    shapes = {"patch_embedding.weight": [5120, 16, 1, 2, 2], "head.modulation": [1, 2, 5120],
+              "blocks.0.self_attn.q.weight": [5120, 5120]}  # fmt: skip
+    header, offset = {}, 0
+    for key, shape in shapes.items():
+        size = 2 * math.prod(shape)
+        header[key] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header).encode()
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(text)) + text)
+        handle.truncate(8 + len(text) + offset)
+
+
+@pytest.mark.browser
+def test_the_controls_show_in_the_page_for_a_wan_expert_base(browser, app):  # noqa: F811
+    for name in (HIGH_BASE, LOW_BASE, HIGH_FT, LOW_FT):
+        write_header_only_wan_14b(app.models / name)
+    page = browser.new_page(viewport={"width": 1500, "height": 1100})
+    page.goto(app.url)
+    page.wait_for_selector("#ckpt2lora_base input")
+    assert not page.is_visible("#ckpt2lora_expert")
+    page.click("#ckpt2lora_refresh")  # the new files join the lists
+    page.wait_for_timeout(500)
+    choose(page, "ckpt2lora_base", HIGH_BASE)
+    page.wait_for_selector("#ckpt2lora_expert", state="visible", timeout=30_000)
+    page.wait_for_function("document.querySelector(\"#ckpt2lora_expert input[value='high-noise']\").checked")
+    assert not page.is_visible("#ckpt2lora_base_low")
+    choose(page, "ckpt2lora_variant", HIGH_FT)
+    page.click("#ckpt2lora_expert label:has-text('both')")
+    page.wait_for_selector("#ckpt2lora_base_low", state="visible", timeout=30_000)
+    page.wait_for_function(f"document.querySelector('#ckpt2lora_base_low input').value === '{LOW_BASE}'")
+    page.wait_for_function(f"document.querySelector('#ckpt2lora_variant_low input').value === '{LOW_FT}'")
+    page.wait_for_function("document.querySelector('#ckpt2lora_name textarea').value === 'speed'")
+    choose(page, "ckpt2lora_base", "base.safetensors")  # SD1.5: hidden again
+    page.wait_for_selector("#ckpt2lora_expert", state="hidden", timeout=30_000)
+    page.close()
