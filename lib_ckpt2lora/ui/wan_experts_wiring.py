@@ -1,7 +1,8 @@
 """The "Wan 2.2 experts" controls' events (wan_experts_layout's components; wan_experts.py decides).
 
 - The base changes: the controls show when the base comes as expert files (read from its
-  header), the expert preselected from the file's name (``..._high_noise_...``); otherwise
+  header), the expert set from the file's name (``..._high_noise_...``) unless "both" is
+  chosen; otherwise
   they hide and the choice goes back to none, so a hidden control never changes a run.
 - "both": the low-noise pair shows, proposed from the high-noise names when the list has
   the matching ``..._low_noise_...`` files.
@@ -30,9 +31,10 @@ def wire_experts(services, layout: SimpleNamespace) -> SimpleNamespace:
             path = services.resolve_checkpoint(base)
         if not wan_experts.has_experts(path):
             return gr_update(visible=False), gr_update(value=wan_experts.NONE)
-        if (expert or wan_experts.NONE) == wan_experts.NONE:
-            return gr_update(visible=True), gr_update(value=wan_experts.expert_from_name(base))
-        return gr_update(visible=True), gr_update()
+        named = wan_experts.expert_from_name(base)
+        if named != wan_experts.NONE and expert != wan_experts.BOTH:  # the file says which expert it is
+            return gr_update(visible=True), gr_update(value=named)
+        return gr_update(visible=True), gr_update()  # "both", or a name without a hint: the choice stays
 
     c["base"].change(fn=on_base, inputs=[c["base"], c["expert"]], outputs=[parts.group, c["expert"]], queue=False)
 

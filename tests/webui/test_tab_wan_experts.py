@@ -157,13 +157,17 @@ def test_controls_in_both_gradios_hidden_until_a_base_with_experts(neo):
     [
         (HIGH_BASE, "none", True, "high-noise"),  # the expert preselected from the file's name
         (LOW_BASE, "none", True, "low-noise"),
-        (HIGH_BASE, "both", True, None),  # a choice already made stays
+        (LOW_BASE, "high-noise", True, "low-noise"),  # the file says which expert it is
+        (HIGH_BASE, "both", True, None),  # "both" stays
+        ("wan_plain_14b.safetensors", "low-noise", True, None),  # no word in the name: the choice stays
         (HIGH_FT, "none", True, "high-noise"),
         ("sd15_base.safetensors", "both", False, "none"),  # hidden controls never change a run
         (None, "high-noise", False, "none"),
     ],
 )
 def test_the_base_decides_whether_the_controls_show(neo, base, expert, shown, chosen):
+    write_pair(neo.folder, "wan_plain_14b.safetensors", "wan_plain_ft.safetensors", shapes=wan_shapes(), seed=7)
+    neo.tab.services.refresh_checkpoints()
     group, value = run_event(neo.blocks, neo.tab.experts.events.on_base, [base, expert])
     assert group.get("visible") is shown
     assert value.get("value") == chosen if chosen else "value" not in value
@@ -334,8 +338,7 @@ def test_the_controls_show_in_the_page_for_a_wan_expert_base(browser, app):  # n
     page.goto(app.url)
     page.wait_for_selector("#ckpt2lora_base input")
     assert not page.is_visible("#ckpt2lora_expert")
-    page.click("#ckpt2lora_refresh")  # the new files join the lists
-    page.wait_for_timeout(500)
+    page.click("#ckpt2lora_refresh")  # the new files join the lists (choose() waits for them)
     choose(page, "ckpt2lora_base", HIGH_BASE)
     page.wait_for_selector("#ckpt2lora_expert", state="visible", timeout=30_000)
     page.wait_for_function("document.querySelector(\"#ckpt2lora_expert input[value='high-noise']\").checked")
