@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 from ..budget import format_size
 from ..errors import Cancelled, UserError
 from ..options import ExtractOptions
-from . import sidecar
+from . import sidecar, wan_experts
 
 logger = logging.getLogger("ckpt2lora")
 
@@ -65,9 +65,9 @@ FLAG_LABELS = {
     "--strict": "strict mode (command line only)",
     "--report-json": "a JSON report (command line only)",
     "--debug": "the command line's debug mode",
-    "--expert": "the Wan 2.2 expert option (command line only)",
-    "--base-low": "the low-noise expert's base (command line only)",
-    "--variant-low": "the low-noise expert's variant (command line only)",
+    "--expert": "Wan 2.2 expert",
+    "--base-low": "Low-noise base",
+    "--variant-low": "Low-noise variant",
     "--merge": "LoRAs to merge",
 }
 _FLAG = re.compile(r"--[a-z][a-z0-9-]*")
@@ -119,6 +119,10 @@ class Form:
     svd: str = _DEFAULTS["svd"]
     free_model: bool = False
     overwrite: bool = False
+    # Wan 2.2 A14B (wan_experts.py): which expert the pair is, and for "both" the low-noise pair
+    expert: str = wan_experts.NONE
+    base_low: str | None = None
+    variant_low: str | None = None
 
 
 FORM_FIELDS = tuple(f.name for f in fields(Form))
@@ -138,6 +142,19 @@ class JobResult:
     summary: str = ""
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # Wan 2.2 "both": one entry per expert (ExpertOutput), high first; empty otherwise
+    experts: list = field(default_factory=list)
+
+
+@dataclass
+class ExpertOutput:
+    """One expert's LoRA of a "both" run: what Send to txt2img and Compare use when it is chosen."""
+
+    expert: str  # "high" / "low"
+    name: str  # the LoRA's name for <lora:NAME:1>
+    base: str  # the base and variant choices it was extracted from
+    variant: str
+    report: dict
 
 
 def is_lora_choice(choice: str | None) -> bool:
@@ -157,11 +174,15 @@ def choice_stem(choice: str | None) -> str:
     return name
 
 
-def default_name(variant: str | None, variant2: str | None, mode: str, output_kind: str) -> str:
+def default_name(
+    variant: str | None, variant2: str | None, mode: str, output_kind: str, expert: str | None = None
+) -> str:
     """The output name proposed from the variant's name (the user may type another)."""
     stem = choice_stem(variant)
     if not stem:
         return ""
+    if expert == wan_experts.BOTH:  # NAME_high / NAME_low: "my_high_noise" -> "my"
+        stem = wan_experts.without_expert_hint(stem)
     second = choice_stem(variant2) if mode in ("common", "union") else ""
     if second:
         stem = f"{stem}_{mode}_{second}"
@@ -236,14 +257,16 @@ def plan_job(services, form: Form, listing: bool = False) -> JobPlan:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UserError(f"The output folder {folder} cannot be created ({exc.strerror}).") from None
-    name = (form.name or "").strip() or default_name(form.variant, form.variant2, form.mode, form.output_kind)
+    name = (form.name or "").strip() or default_name(form.variant, form.variant2, form.mode, form.output_kind, form.expert)
     out = output_path(folder, name)
     if not out.parent.is_dir():
         out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and not form.overwrite:
+    if wan_experts.writes_two(form):
+        pass  # "both" writes <name>_high and <name>_low instead: wan_experts.expert_plans checks those
+    elif out.exists() and not form.overwrite:
         where = "Lora folder" if kind == "lora" else "checkpoint folder"
         raise UserError(f"{out.name} already exists in the {where}: choose another name or tick Overwrite.")
-    if out.resolve() in (base.resolve(), variant.resolve()) or (variant2 and out.resolve() == variant2.resolve()):
+    elif out.resolve() in (base.resolve(), variant.resolve()) or (variant2 and out.resolve() == variant2.resolve()):
         raise UserError(f"The output {out.name} would replace one of the inputs: choose another name.")
     detail_out = None
     if kind == "checkpoint" and form.detail:
@@ -286,6 +309,7 @@ def options_for(form: Form, base, variant, variant2, out, detail_out) -> Extract
         device=form.device or "auto",
         svd=form.svd or "randomized",
         overwrite=bool(form.overwrite),
+        expert=wan_experts.expert_option(form.expert),
     )
 
 
@@ -321,69 +345,95 @@ def resolve_model(services, choice: str, role: str) -> Path:
     return path
 
 
+def plan_jobs(services, form: Form, listing: bool = False) -> list[JobPlan]:
+    """What the form runs: one plan, or with Wan 2.2 "both" one per expert (wan_experts.py)."""
+    return wan_experts.expert_plans(services, form, plan_job(services, form, listing), listing)
+
+
 def run_job(
     services,
     form: Form,
     progress: Callable[[int, int, str], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> JobResult:
-    """Run one extraction; every outcome, failures included, comes back as a JobResult."""
+    """Run one extraction (or one per Wan 2.2 expert); every outcome, failures included,
+    comes back as a JobResult."""
     started = time.monotonic()
     log_lines: list[str] = []
+    saved: list[Path] = []  # a "both" run's first expert stays saved if the second fails
 
     def log(line: str) -> None:  # the engine's one-line notes go to the console, as the CLI's do
         log_lines.append(line)
         print(f"ckpt2lora: {line}", file=sys.stderr)
 
+    def failed(message: str, cancelled: bool = False) -> JobResult:
+        if saved:
+            message = message.replace(STOPPED, "Interrupted.")
+            message += f" Already saved: {', '.join(p.name for p in saved)}; the other expert's LoRA was not written."
+        return JobResult(ok=False, cancelled=cancelled, message=message, seconds=time.monotonic() - started)
+
     try:
-        plan = plan_job(services, form)
+        plans = plan_jobs(services, form)
         if should_stop is not None and should_stop():
             raise Cancelled()
         if form.free_model:
             services.free_model()
-        result = services.extract(plan.opts, progress=progress, should_stop=should_stop, log=log)
-        outputs = [Path(p) for p in result.outputs]
-        report = result.report.to_dict()
-        sidecars = []
-        loras = outputs if plan.kind == "lora" else outputs[1:]  # a checkpoint's detail LoRA too
-        if loras:
-            sd_version = services.sd_version_name(result.architecture)
-            for path in loras:
-                text = describe(plan, report, detail=path != outputs[0])
-                sidecars.append(sidecar.write_sidecar(path, sd_version=sd_version, description=text))
-            services.refresh_loras()
-        if plan.kind == "lora":
+        outputs, sidecars, reports, warnings, summaries = [], [], [], [], []
+        for plan in plans:
+            expert = plan.opts.expert if len(plans) > 1 else ""
+            title = wan_experts.TITLES.get(expert, "")
+            step = progress
+            if progress is not None and title:
+                step = lambda done, total, layer, title=title: progress(done, total, f"{title}: {layer}")  # noqa: E731
+            result = services.extract(plan.opts, progress=step, should_stop=should_stop, log=log)
+            written = [Path(p) for p in result.outputs]
+            saved.extend(written)
+            report = result.report.to_dict()
+            loras = written if plan.kind == "lora" else written[1:]  # a checkpoint's detail LoRA too
+            if loras:
+                sd_version = services.sd_version_name(result.architecture)
+                for path in loras:
+                    text = describe(plan, report, detail=path != written[0])
+                    sidecars.append(sidecar.write_sidecar(path, sd_version=sd_version, description=text))
+                services.refresh_loras()
+            outputs.extend(written)
+            reports.append((plan, written[0], tab_report(report)))
+            summaries.append(tab_text(result.report.summary_text()))
+            warnings.extend(f"{title}: {tab_text(w)}" if title else tab_text(w) for w in result.warnings)
+        if plans[0].kind == "lora":
             name = outputs[0].stem
         else:
             services.refresh_checkpoints()
             name = services.checkpoint_title(outputs[0]) or outputs[0].name
-        sizes = [p.stat().st_size for p in outputs]
+        experts = []
+        if len(plans) > 1:
+            choices = {"high": (form.base, form.variant), "low": (form.base_low, form.variant_low)}
+            for plan, path, report in reports:
+                base, variant = choices[plan.opts.expert]
+                experts.append(ExpertOutput(plan.opts.expert, path.stem, base or "", variant or "", report))
         return JobResult(
             ok=True,
-            message=f"Saved {outputs[0].name}.",
-            kind=plan.kind,
+            message=f"Saved {', '.join(p.name for _, p, _ in reports)}.",
+            kind=plans[0].kind,
             name=name,
             outputs=outputs,
-            sizes=sizes,
+            sizes=[p.stat().st_size for p in outputs],
             sidecars=sidecars,
-            report=tab_report(report),
-            summary=tab_text(result.report.summary_text()),
-            warnings=[tab_text(w) for w in result.warnings],
+            report=reports[0][2],
+            summary="\n".join(summaries),
+            warnings=warnings,
             seconds=time.monotonic() - started,
+            experts=experts,
         )
     except UserError as error:
-        return JobResult(ok=False, message=tab_text(str(error)), seconds=time.monotonic() - started)
+        return failed(tab_text(str(error)))
     except Cancelled:
-        return JobResult(ok=False, cancelled=True, message=STOPPED, seconds=time.monotonic() - started)
+        return failed(STOPPED, cancelled=True)
     except Exception as error:  # a bug: the traceback goes to the console, one sentence to the tab
         logger.exception("ckpt2lora: the extraction failed")
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         detail = f"{type(error).__name__}: {first}" if first else type(error).__name__
-        return JobResult(
-            ok=False,
-            message=f"The extraction failed unexpectedly ({detail}); the console has the details.",
-            seconds=time.monotonic() - started,
-        )
+        return failed(f"The extraction failed unexpectedly ({detail}); the console has the details.")
 
 
 def describe(plan: JobPlan, report: dict, detail: bool = False) -> str:
@@ -409,6 +459,8 @@ def describe(plan: JobPlan, report: dict, detail: bool = False) -> str:
     text = f"{what} {source} minus the base {plan.base_label} by ckpt2lora: {rank}, {total.get('n', 0)} layers, {captured}."
     if detail and opts.detail_scale != 1.0:
         text += f" Pre-scaled by {opts.detail_scale:g}."
+    if opts.expert:
+        text += f" For Wan 2.2's {opts.expert}-noise expert model only."
     return text
 
 
@@ -475,12 +527,14 @@ def list_job(services, form: Form) -> ListingResult:
     from ..listing import list_layers
 
     try:
-        plan = plan_job(services, form, listing=True)
-        listing = list_layers(plan.opts)
+        plans = plan_jobs(services, form, listing=True)
+        texts = [list_layers(plan.opts).text() for plan in plans]
+        if len(plans) > 1:  # Wan 2.2 "both": each expert's pair under its title
+            texts = [f"{wan_experts.TITLES[p.opts.expert]}:\n{text}" for p, text in zip(plans, texts)]
     except UserError as error:
         return ListingResult(False, tab_text(str(error)))
     except Exception as error:  # a bug: the traceback goes to the console, one sentence to the tab
         logger.exception("ckpt2lora: listing the layers failed")
         failed = f"Listing the layers failed unexpectedly ({type(error).__name__}); the console has the details."
         return ListingResult(False, failed)
-    return ListingResult(True, tab_text(listing.text()))
+    return ListingResult(True, tab_text("\n\n".join(texts)))

@@ -56,5 +56,6 @@ def build_tab(services, css: str | None = None, title: str | None = None) -> gr.
         list_layers=events.list_layers,
         layers=layout.layers,
         merge=SimpleNamespace(layout=layout.merge, events=events.merge),
+        experts=SimpleNamespace(layout=layout.experts, pick=layout.expert_pick, events=events.experts),
     )
     return blocks

@@ -16,8 +16,11 @@ from . import chart, job
 from .compat import table_kwargs
 from .merge_layout import build_merge_layout
 from .rank_controls import rank_controls
+from .wan_experts_layout import expert_inputs, expert_results
 
 PREFIX = "ckpt2lora_"
+# The model dropdowns, as keys of model_choices() and of the layout's inputs (refreshed together).
+MODEL_LISTS = ("base", "variant", "variant2", "base_low", "variant_low")
 
 
 def element_id(name: str) -> str:
@@ -34,6 +37,8 @@ def model_choices(services) -> dict[str, list[str]]:
         "base": checkpoints,
         "variant": checkpoints + loras,
         "variant2": [job.NONE_CHOICE] + checkpoints + loras,
+        "base_low": checkpoints,  # Wan 2.2's low-noise expert pair (wan_experts_layout.py)
+        "variant_low": checkpoints + loras,
     }
 
 
@@ -44,7 +49,7 @@ def build_layout(services) -> SimpleNamespace:
     inputs: dict = {}
     with gr.Row(elem_id=_id("main"), equal_height=False):
         with gr.Column(scale=5, elem_id=_id("inputs")):
-            refresh = _model_inputs(services, inputs, defaults)
+            refresh, experts = _model_inputs(services, inputs, defaults)
             _output_inputs(inputs, defaults)
             _rank_inputs(inputs, defaults)
             _advanced_inputs(services, inputs, defaults)
@@ -52,11 +57,14 @@ def build_layout(services) -> SimpleNamespace:
         with gr.Column(scale=6, elem_id=_id("results")):
             results = _results()
     merge = build_merge_layout(services)  # the "Merge LoRAs" section (merge_layout.py)
-    return SimpleNamespace(inputs=inputs, refresh=refresh, merge=merge, **vars(actions), **vars(results))
+    return SimpleNamespace(
+        inputs=inputs, refresh=refresh, merge=merge, experts=experts, **vars(actions), **vars(results)
+    )
 
 
 def _model_inputs(services, c: dict, defaults: job.Form):
-    """Base, variant and the folded second variant; returns the refresh button."""
+    """Base, variant, Wan 2.2's experts (hidden unless the base has them) and the folded second
+    variant; returns the refresh button and the experts' parts."""
     choices = model_choices(services)
     with gr.Row(elem_classes=["ckpt2lora-models"]):
         c["base"] = gr.Dropdown(
@@ -74,6 +82,7 @@ def _model_inputs(services, c: dict, defaults: job.Form):
             info="The fine-tuned or merged model whose difference you want.",
         )
         refresh = services.tool_button("\U0001f504", _id("refresh"))  # refreshes the model lists
+    experts = expert_inputs(c, choices, _id)
     with gr.Accordion("Second variant (common part / union)", open=False, elem_id=_id("second")):
         with gr.Row():
             c["variant2"] = gr.Dropdown(
@@ -97,7 +106,7 @@ def _model_inputs(services, c: dict, defaults: job.Form):
             value=defaults.alpha,
             elem_id=_id("alpha"),
         )
-    return refresh
+    return refresh, experts
 
 
 def _output_inputs(c: dict, defaults: job.Form) -> None:
@@ -229,6 +238,7 @@ def _results() -> SimpleNamespace:
         visible=False,
         elem_id=_id("layers"),
     )
+    r.expert_pick = expert_results(_id)  # Wan 2.2 "both": which expert's LoRA the buttons below use
     with gr.Row(elem_classes=["ckpt2lora-followups"]):
         r.send_button = gr.Button(
             "Send to txt2img",

@@ -10,9 +10,9 @@ from __future__ import annotations
 import html
 from types import SimpleNamespace
 
-from . import chart, compare, job
+from . import chart, compare, job, wan_experts, wan_experts_wiring
 from .compat import gr_update, js_kwargs, progress_kwargs
-from .tab_layout import model_choices
+from .tab_layout import MODEL_LISTS, model_choices
 
 
 def status_html(result: job.JobResult) -> str:
@@ -31,7 +31,9 @@ def status_html(result: job.JobResult) -> str:
         f"<div class='ckpt2lora-ok'>Saved the {what} in {result.seconds:.1f} s:</div>",
         "<ul class='ckpt2lora-outputs'>" + "".join(lines) + "</ul>",
     ]
-    if result.kind == "lora":
+    if result.experts:  # Wan 2.2 "both": which LoRA goes with which expert model
+        parts.append(f"<div class='ckpt2lora-hint'>{html.escape(wan_experts.usage_hint([e.name for e in result.experts]))}</div>")
+    elif result.kind == "lora":
         parts.append(
             f"<div class='ckpt2lora-hint'>Use it as <code>&lt;lora:{html.escape(result.name)}:1&gt;</code>"
             " with the base model.</div>"
@@ -55,7 +57,7 @@ def budget_html(report: dict | None) -> list[str]:
 def wire_tab(services, layout: SimpleNamespace) -> SimpleNamespace:
     """Connect every event of the tab; returns the handlers and the extract event's inputs/outputs."""
     c = layout.inputs
-    dropdowns = [c["base"], c["variant"], c["variant2"]]
+    dropdowns = [c[key] for key in MODEL_LISTS]
 
     # -- refresh -------------------------------------------------------------------
     def refresh_all():
@@ -65,19 +67,19 @@ def wire_tab(services, layout: SimpleNamespace) -> SimpleNamespace:
     def on_refresh():
         refresh_all()
         now = model_choices(services)
-        return [gr_update(choices=now[k]) for k in ("base", "variant", "variant2")]
+        return [gr_update(choices=now[k]) for k in MODEL_LISTS]
 
     layout.refresh.click(fn=on_refresh, inputs=[], outputs=dropdowns)
 
     # -- the output name follows the variant until the user types one ----------------
-    def suggest(variant, variant2, mode, output_kind, name, last_auto):
-        proposal = job.default_name(variant, variant2, mode, output_kind)
+    def suggest(variant, variant2, mode, output_kind, name, last_auto, expert=None):
+        proposal = job.default_name(variant, variant2, mode, output_kind, expert)
         if not (name or "").strip() or name == last_auto:
             return gr_update(value=proposal), proposal
         return gr_update(), last_auto
 
-    suggest_inputs = [c["variant"], c["variant2"], c["mode"], c["output_kind"], c["name"], layout.auto_name]
-    for trigger in (c["variant"], c["variant2"], c["mode"], c["output_kind"]):
+    suggest_inputs = [c["variant"], c["variant2"], c["mode"], c["output_kind"], c["name"], layout.auto_name, c["expert"]]
+    for trigger in (c["variant"], c["variant2"], c["mode"], c["output_kind"], c["expert"]):
         trigger.change(fn=suggest, inputs=suggest_inputs, outputs=[c["name"], layout.auto_name], queue=False)
 
     # -- Extract ---------------------------------------------------------------------
@@ -93,6 +95,8 @@ def wire_tab(services, layout: SimpleNamespace) -> SimpleNamespace:
         layout.select_base,
         layout.result_base,
         layout.result_variant,
+        layout.expert_pick.shown,
+        layout.expert_pick.outputs,
         layout.status,
     ]
 
@@ -106,7 +110,8 @@ def wire_tab(services, layout: SimpleNamespace) -> SimpleNamespace:
         if not result.ok:
             hidden = gr_update(visible=False)
             chart_hidden = gr_update(value="", visible=False)
-            return [hidden, chart_hidden, hidden, hidden, "", hidden, hidden, "", "", status_html(result)]
+            experts = wan_experts_wiring.result_updates(result)
+            return [hidden, chart_hidden, hidden, hidden, "", hidden, hidden, "", "", *experts, status_html(result)]
         report = result.report or {}
         rows = chart.table_rows(report)
         is_lora = result.kind == "lora"
@@ -122,13 +127,14 @@ def wire_tab(services, layout: SimpleNamespace) -> SimpleNamespace:
             gr_update(visible=sendable and services.can_select_checkpoint),
             form.base or "",
             form.variant or "",
+            *wan_experts_wiring.result_updates(result),
             status_html(result),
         ]
 
     def refresh_choices():
         """After a job: the new file joins the lists (choices only; the chosen values stay)."""
         now = model_choices(services)
-        return [gr_update(choices=now[k]) for k in ("base", "variant", "variant2")]
+        return [gr_update(choices=now[k]) for k in MODEL_LISTS]
 
     handler = services.wrap_job(extract_job, len(outputs))
     inputs = [c[name] for name in job.FORM_FIELDS]
@@ -208,8 +214,10 @@ def wire_tab(services, layout: SimpleNamespace) -> SimpleNamespace:
     from .merge_wiring import wire_merge  # here: merge_wiring imports status_html from this module
 
     merge_events = wire_merge(services, layout.merge)
+    expert_events = wan_experts_wiring.wire_experts(services, layout)
     return SimpleNamespace(
         merge=merge_events,
+        experts=expert_events,
         inputs=inputs,
         outputs=outputs,
         handler=handler,

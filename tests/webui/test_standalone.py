@@ -41,7 +41,7 @@ def test_standalone_lists_files_and_extracts(folders):
     assert tab.services.list_checkpoints() == ["sd15/base.safetensors", "sd15/tuned.safetensors"]
     assert tab.components["free_model"].visible is False  # no WebUI model to free
     data = run_event(blocks, tab.handler, inputs(base="sd15/base.safetensors", variant="sd15/tuned.safetensors"))
-    table, chart, send, use, name, compare_button, select_base, _, _, status = data
+    table, chart, send, use, name, compare_button, select_base, *_, status = data  # *_: base, variant, the Wan experts
     assert "Saved the LoRA" in status and "tuned.safetensors" in status
     assert (loras / "tuned.safetensors").is_file()
     assert json.loads((loras / "tuned.json").read_text())["sd version"] == "SD1"

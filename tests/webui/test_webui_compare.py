@@ -66,7 +66,7 @@ def run_compare(blocks, data, settings=SETTINGS):
 
 def test_extract_shows_compare_and_the_base_choice(extracted):
     blocks, data, base, variant = extracted
-    _, _, send, _, name, compare_button, select_base, result_base, result_variant, _ = data
+    _, _, send, _, name, compare_button, select_base, result_base, result_variant, *_ = data
     assert send.get("visible") is True and compare_button.get("visible") is True
     assert select_base.get("visible") is True
     assert blocks.ckpt2lora.select_base.value is True  # on by default

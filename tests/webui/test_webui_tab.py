@@ -121,10 +121,11 @@ def test_refresh_button_updates_all_lists(sd15):
     blocks = webui_tab()
     write_pair(sd15.models, "later_base.safetensors", "later_variant.safetensors", shapes=generic_shapes())
     on_refresh = next(f.fn for f in _fns(blocks) if f.fn is not None and f.fn.__name__ == "on_refresh")
-    base, variant, variant2 = run_event(blocks, on_refresh, [])
+    base, variant, variant2, base_low, variant_low = run_event(blocks, on_refresh, [])
     assert any(str(c).startswith("later_base") or "later_base" in str(c) for c in base["choices"])
     assert any("later_variant" in str(c) for c in variant["choices"])
     assert "None" in str(variant2["choices"][0])
+    assert base_low["choices"] == base["choices"] and variant_low["choices"] == variant["choices"]  # Wan 2.2 experts
 
 
 def _fns(blocks):
@@ -139,7 +140,7 @@ def test_extract_writes_lora_sidecar_table_and_chart(sd15):
     services = blocks.ckpt2lora.services
     base, variant = title_of(services, "sd15_base"), title_of(services, "sd15_finetune")
     data = extract(blocks, base=base, variant=variant, name="my lora")
-    table, chart, send, use, name, compare_button, select_base, result_base, result_variant, status = data
+    table, chart, send, use, name, compare_button, select_base, result_base, result_variant, *_, status = data
     assert "Saved the LoRA" in status and "my lora.safetensors" in status
     assert (sd15.loras / "my lora.safetensors").is_file()
     sidecar = json.loads((sd15.loras / "my lora.json").read_text())
