@@ -83,7 +83,11 @@ class TensorFile:
         # ComfyUI fp8 (old scaled_fp8, new comfy_quant): the scales and markers leave infos (not
         # layers); get() reads each scaled weight as its real value
         self.fp8_scales: dict[str, str] = {}
-        self.fp8_scales, self.scale_infos = scaled_fp8.take_scales(self.infos, self.metadata, self.get, self.path, role)
+        try:
+            self.fp8_scales, self.scale_infos = scaled_fp8.take_scales(self.infos, self.metadata, self.get, self.path, role)
+        except UserError:  # a quantized format it cannot read: refused before any work
+            self.close()
+            raise
 
     # -- opening ---------------------------------------------------------------------
     def _open_safetensors(self) -> dict[str, TensorInfo]:
