@@ -132,6 +132,9 @@ def plan_against(opened: OpenBase, opts: ExtractOptions, stack: contextlib.ExitS
         if path is not None
     ]
     units = select_units(arch, fmt, base, sources, opts, report)
+    models = [source.view.file for source in sources if isinstance(source, CheckpointSource)]
+    if models and (note := scaled_fp8.rounding_warning([base.file, *models])):
+        report.warnings.append(note)
     return Plan(arch, fmt, base, sources, units, report, opened.save_dtype)
 
 
