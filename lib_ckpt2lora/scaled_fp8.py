@@ -82,6 +82,8 @@ def take_scales(
         if info is None or not (marked or is_fp8(info.dtype)):
             continue
         if key.endswith(".scale_weight"):
+            if infos[key].numel != 1:  # refused here, before any work, rather than at its read
+                raise UserError(_refusal(path, role, weight[: -len(".weight")], "float8_e4m3fn", info, infos[key]))
             scales[weight] = key
         removed[key] = infos.pop(key)
     if marked:
@@ -185,7 +187,7 @@ def _refusal(path, role: str, layer: str, fmt: str, info: TensorInfo, scale: Ten
     elif fmt in FP8_FORMATS and not is_fp8(info.dtype):
         what = f"as {fmt} but stored in {stored}"
     elif fmt in FP8_FORMATS:
-        shape = "no weight_scale" if scale is None else f"a weight_scale of shape {list(scale.shape)}"
+        shape = "no weight_scale" if scale is None else f"a scale of shape {list(scale.shape)}"
         what = f"as {fmt} with {shape}, not one scale per tensor"
     else:
         what = f"in ComfyUI's {fmt} quantized format"

@@ -346,7 +346,7 @@ REFUSED = {
     "unknown": (int8_tensorwise, {"format": "svdquant_w4a4_future"}, None, "svdquant_w4a4_future"),
     "no-format-marker": (int8_tensorwise, None, None, "as int8 with a weight_scale but no format marker"),
     "broken-marker": (fp8_per_row, "not json", None, "comfy_quant format marker that is not ComfyUI's JSON"),
-    "fp8-per-row-scale": (fp8_per_row, {"format": "float8_e4m3fn"}, None, "a weight_scale of shape [64, 1], not one scale"),
+    "fp8-per-row-scale": (fp8_per_row, {"format": "float8_e4m3fn"}, None, "a scale of shape [64, 1], not one scale per tensor"),
 }
 
 
@@ -380,6 +380,15 @@ def test_a_scale_beside_a_bf16_weight_without_a_format_is_not_applied(tmp_path):
     with TensorFile(save(odd, tmp_path / "odd.safetensors")) as file:
         assert set(file.infos) == set(state) and not file.fp8_scales
         assert torch.equal(file.get(LAYER + ".weight"), state[LAYER + ".weight"])
+
+
+def test_old_scaled_fp8_with_per_row_scales_is_refused_on_opening(tmp_path):
+    state = small_state()
+    q, _ = quantize_fp8(state[LAYER + ".weight"], "float8_e4m3fn")
+    old = dict(state, **{LAYER + ".weight": q, LAYER + ".scale_weight": torch.full((64, 1), 1e-4)})
+    old["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    with pytest.raises(UserError, match=r"stores blocks\.0\.attn as float8_e4m3fn with a scale of shape \[64, 1\]"):
+        TensorFile(save(old, tmp_path / "old-per-row.safetensors"), "variant")
 
 
 def test_damaged_metadata_is_named(tmp_path):
