@@ -83,7 +83,8 @@ def take_scales(
             continue
         if key.endswith(".scale_weight"):
             if infos[key].numel != 1:  # refused here, before any work, rather than at its read
-                raise UserError(_refusal(path, role, weight[: -len(".weight")], "float8_e4m3fn", info, infos[key]))
+                kind = str(info.dtype).replace("torch.", "") if is_fp8(info.dtype) else "float8_e4m3fn"
+                raise UserError(_refusal(path, role, weight[: -len(".weight")], kind, info, infos[key]))
             scales[weight] = key
         removed[key] = infos.pop(key)
     if marked:
