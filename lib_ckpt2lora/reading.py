@@ -127,8 +127,8 @@ class TensorFile:
         return list(self.infos)
 
     def get(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """Read one tensor (or a row range of it) as stored; a ComfyUI fp8 weight comes
-        dequantized (float32: stored value x its per-tensor scale)."""
+        """Read one tensor (or a row range of it) as the model means it: as stored, except a
+        ComfyUI fp8 weight, which comes dequantized (float32: stored value x its scale)."""
         if key in self.fp8_scales:
             return scaled_fp8.dequantize(self.get_stored(key, rows), self.get_stored(self.fp8_scales[key]), key, self.path)
         return self.get_stored(key, rows)
