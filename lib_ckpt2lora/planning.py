@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import architectures
+from . import architectures, scaled_fp8
 from .architectures import Architecture, FileView
 from .errors import UserError
 from .options import ExtractOptions
@@ -98,7 +98,7 @@ def open_base(opts: ExtractOptions, stack: contextlib.ExitStack, log: Callable[[
         )
     arch = architectures.detect(base_file.infos, strict=opts.strict, path=opts.base)
     base = FileView.build(base_file, arch)
-    description = arch.describe(base_file.infos)
+    description = arch.describe(base_file.infos) + scaled_fp8.describe(base_file)
     log(f"Base: {opts.base.name}: {description}.")
     warnings = []
     if arch.name == "generic":
@@ -132,6 +132,9 @@ def plan_against(opened: OpenBase, opts: ExtractOptions, stack: contextlib.ExitS
         if path is not None
     ]
     units = select_units(arch, fmt, base, sources, opts, report)
+    models = [source.view.file for source in sources if isinstance(source, CheckpointSource)]
+    if models and (note := scaled_fp8.rounding_warning([base.file, *models])):
+        report.warnings.append(note)
     return Plan(arch, fmt, base, sources, units, report, opened.save_dtype)
 
 
@@ -162,7 +165,7 @@ def open_source(path: Path, role: str, arch: Architecture, base: FileView, stack
             f"{variant_arch.title}; pick a {role} derived from the base."
         )
     view = FileView.build(file, variant_arch)
-    log(f"{role.capitalize()}: {path.name}: {variant_arch.describe(file.infos)}.")
+    log(f"{role.capitalize()}: {path.name}: {variant_arch.describe(file.infos)}{scaled_fp8.describe(file)}.")
     return CheckpointSource(view)
 
 

@@ -80,8 +80,14 @@ class TensorFile:
             self.infos = self._open_pickle()
         else:
             self.infos = self._open_safetensors()
-        # ComfyUI scaled fp8: the scale tensors leave infos (not layers) and are read with their weight
-        self.fp8_scales, self.scale_infos = scaled_fp8.take_scales(self.infos)
+        # ComfyUI fp8 (old scaled_fp8, new comfy_quant): the scales and markers leave infos (not
+        # layers); get() reads each scaled weight as its real value
+        self.fp8_scales: dict[str, str] = {}
+        try:
+            self.fp8_scales, self.scale_infos = scaled_fp8.take_scales(self.infos, self.metadata, self.get, self.path, role)
+        except UserError:  # a quantized format it cannot read: refused before any work
+            self.close()
+            raise
 
     # -- opening ---------------------------------------------------------------------
     def _open_safetensors(self) -> dict[str, TensorInfo]:
@@ -121,6 +127,13 @@ class TensorFile:
         return list(self.infos)
 
     def get(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Read one tensor (or a row range of it) as the model means it: as stored, except a
+        ComfyUI fp8 weight, which comes dequantized (float32: stored value x its scale)."""
+        if key in self.fp8_scales:
+            return scaled_fp8.dequantize(self.get_stored(key, rows), self.get_stored(self.fp8_scales[key]), key, self.path)
+        return self.get_stored(key, rows)
+
+    def get_stored(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Read one tensor (or a row range of it) as stored."""
         if self._state_dict is not None:
             tensor = self._state_dict[key]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .. import scaled_fp8
 from ..reading import TensorFile, TensorInfo
 
 
@@ -142,7 +141,7 @@ class FileView:
     arch: Architecture
     refs: dict[str, RawRef]
     shapes: dict[str, tuple[int, ...]]
-    # ComfyUI scaled-fp8 files: weight raw key -> its scale's raw key (scaled_fp8.py, TensorFile)
+    # ComfyUI fp8 files: weight raw key -> its scale's raw key (scaled_fp8.py, TensorFile)
     scales: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -160,11 +159,7 @@ class FileView:
 
     def read(self, key: str):
         ref = self.refs[key]
-        stored = self.file.get(ref.key, ref.rows)
-        scale = self.scales.get(ref.key)
-        if scale is None:
-            return stored
-        return scaled_fp8.dequantize(stored, self.file.get(scale), ref.key, self.file.path)
+        return self.file.get(ref.key, ref.rows)  # ComfyUI fp8 weights come dequantized
 
 
 # -- shared by the DiT families (Flux.1/Chroma, Qwen-Image, Lumina-Image-2.0) ---------------
