@@ -32,7 +32,8 @@ from .options import ExtractOptions
 from .planning import Plan, Unit, detail_output, make_plan, writes_checkpoint
 from .prefetch import prefetched
 from .report import Report
-from .writing import check_output_path, write_all
+from .sources import CheckpointSource, read_deltas
+from .writing import SpilledTensors, check_output_path, write_all
 
 Progress = Callable[[int, int, str], None]
 
@@ -69,6 +70,9 @@ def extract(
             outputs = write_checkpoint(plan, opts, Runner(plan, opts, device, log), progress, should_stop)
         else:
             main, detail = run_lora(plan, opts, device, progress, should_stop, log)
+            for tensors in (main, detail):
+                if isinstance(tensors, SpilledTensors):
+                    stack.callback(tensors.close)
             main = complete_attention_groups(plan, opts, main, "LoRA")
             detail = complete_attention_groups(plan, opts, detail, "detail LoRA")
             outputs = write_lora_outputs(plan, opts, main, detail)
@@ -84,17 +88,34 @@ class Runner:
         self.plan, self.opts, self.device, self.log = plan, opts, device, log
         self.generator = torch.Generator(device=device).manual_seed(0)
         self.relative_deltas: list[float] = []
+        # CPU runs of checkpoints: the reader forms the deltas (read_deltas); the GPU path and
+        # LoRA variants read tensors and form the delta on the compute device
+        self.reads_deltas = device.type == "cpu" and all(type(source) is CheckpointSource for source in plan.sources)
 
     def load(self, unit: Unit, bases: list[torch.Tensor] | None = None):
         """Read the base and variant tensors of a unit (runs in the reader thread).
 
         ``bases``: the unit's base tensors when the caller has already read them."""
+        if self.reads_deltas:
+            return self.read_deltas(unit, bases)
         if bases is None:
             bases = [self.plan.base.read(part) for part in unit.parts]
         sources = [[source.load(part) for part in unit.parts] for source in self.plan.sources]
         bases = [self.prepare(tensor) for tensor in bases]
         sources = [[self.prepare(item) if torch.is_tensor(item) else item for item in items] for items in sources]
         return bases, sources
+
+    def read_deltas(self, unit: Unit, bases: list[torch.Tensor] | None):
+        """On the CPU: the reader forms every delta itself, row chunk by row chunk
+        (sources.read_deltas), so a unit holds its fp32 deltas and nothing else."""
+        base_parts, source_parts = [], [[] for _ in self.plan.sources]
+        for index, part in enumerate(unit.parts):
+            given = None if bases is None else self.prepare(bases[index])
+            base, deltas = read_deltas(self.plan.base, part, self.plan.sources, given)
+            base_parts.append(base)
+            for items, delta in zip(source_parts, deltas):
+                items.append(delta)
+        return base_parts, source_parts
 
     def prepare(self, tensor: torch.Tensor) -> torch.Tensor:
         """On the GPU: pinned 16-bit tensors (half the bytes to copy, widened there). On the
@@ -151,15 +172,20 @@ def run_lora(plan: Plan, opts, device, progress, should_stop, log) -> tuple[dict
     runner = Runner(plan, opts, device, log)
     collected = LoraTensors(plan, opts)
     total = len(plan.units)
-    with contextlib.closing(prefetched(plan.units, runner.load, PREFETCH_DEPTH)) as stream:
-        for done, (unit, loaded) in enumerate(stream):
-            if should_stop is not None and should_stop():
-                raise Cancelled()
-            collected.add(unit, runner.compute(unit, loaded, collected.candidates))
-            if progress is not None:
-                progress(done + 1, total, unit.key)
-    runner.finish()
-    return collected.finish(), collected.detail
+    try:
+        with contextlib.closing(prefetched(plan.units, runner.load, PREFETCH_DEPTH)) as stream:
+            for done, (unit, loaded) in enumerate(stream):
+                if should_stop is not None and should_stop():
+                    raise Cancelled()
+                collected.add(unit, runner.compute(unit, loaded, collected.candidates))
+                del loaded  # before the reader may start the next unit but one
+                if progress is not None:
+                    progress(done + 1, total, unit.key)
+        runner.finish()
+        return collected.finish(), collected.detail
+    except BaseException:
+        collected.close()  # its temporary file goes now, not whenever the traceback does
+        raise
 
 
 class LoraTensors:
@@ -169,8 +195,10 @@ class LoraTensors:
     def __init__(self, plan: Plan, opts: ExtractOptions):
         self.plan, self.opts = plan, opts
         self.candidates = opts.has_budget
-        self.main: dict[str, torch.Tensor] = {}
-        self.detail: dict[str, torch.Tensor] = {}
+        # Factors wait in a temporary file beside the output, not in memory (writing.SpilledTensors)
+        folder = opts.out.parent if opts.out is not None else None
+        self.main: dict[str, torch.Tensor] = SpilledTensors(folder)
+        self.detail: dict[str, torch.Tensor] = SpilledTensors(folder)
         self.waiting: list[LayerStep] = []
 
     def add(self, unit: Unit, step: LayerStep | None) -> None:
@@ -205,6 +233,12 @@ class LoraTensors:
 
         waiting, self.waiting = self.waiting, []
         return apply_budget(plan, opts, waiting, self.main, complete)
+
+    def close(self) -> None:
+        """Drop the collected tensors and their temporary file."""
+        self.main.close()
+        self.detail.close()
+        self.waiting = []
 
 
 def write_lora_outputs(plan: Plan, opts: ExtractOptions, main, detail) -> list[Path]:

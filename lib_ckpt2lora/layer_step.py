@@ -17,6 +17,7 @@ from .block_lora import factorize_parts, join_blocks
 from .options import ExtractOptions
 from .planning import Plan, Unit
 from .report import LayerRecord, record_for
+from .sources import base_energy, on_device
 from .svd import Factorization, squared_norm
 
 # The skip reason of a layer whose two variants share nothing (see combine.nothing_in_common).
@@ -66,7 +67,7 @@ def compute_step(
     instead of applying the per-layer rank rule."""
     report = plan.report
     base_parts, source_parts = loaded
-    bases = [tensor.to(device, non_blocking=True).float() for tensor in base_parts]
+    bases = [on_device(base, device) for base in base_parts]
     deltas = [
         _stack_rows([source.delta(item, base) for item, base in zip(items, bases)])
         for source, items in zip(plan.sources, source_parts)
@@ -92,7 +93,7 @@ def compute_step(
         report.skip("no change", unit.key)
         return None
     # ||W||^2 per part: the report's relative change and the budget's "relative" objective.
-    weight_energies = [squared_norm(base) for base in bases]
+    weight_energies = [base_energy(base) for base in bases]
     del bases
     relative = math.sqrt(energy / max(sum(weight_energies), 1e-24))
     if len(unit.shape) == 1 or opts.checkpoint_full:

@@ -10,6 +10,7 @@ weights-only load refuses anything but tensors and plain containers.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -126,15 +127,19 @@ class TensorFile:
     def keys(self) -> list[str]:
         return list(self.infos)
 
-    def get(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def get(self, key: str, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Read one tensor (or a row range of it) as the model means it: as stored, except a
-        ComfyUI fp8 weight, which comes dequantized (float32: stored value x its scale)."""
+        ComfyUI fp8 weight, which comes dequantized (float32: stored value x its scale).
+        ``out``: see get_stored (not used for a dequantized weight)."""
         if key in self.fp8_scales:
             return scaled_fp8.dequantize(self.get_stored(key, rows), self.get_stored(self.fp8_scales[key]), key, self.path)
-        return self.get_stored(key, rows)
+        return self.get_stored(key, rows, out)
 
-    def get_stored(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """Read one tensor (or a row range of it) as stored."""
+    def get_stored(self, key: str, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor (or a row range of it) as stored.
+
+        ``out``: a flat buffer of the stored dtype with room for the values, reused by the
+        caller (no fresh allocation, so no page faults); the result is then a view of it."""
         if self._state_dict is not None:
             tensor = self._state_dict[key]
             return tensor[rows[0] : rows[1]] if rows else tensor
@@ -145,7 +150,10 @@ class TensorFile:
             row_bytes = (end - begin) // shape[0] if shape[0] else 0
             begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
             shape[0] = rows[1] - rows[0]
-        tensor = torch.empty(shape, dtype=info.dtype)
+        if out is not None and out.dtype == info.dtype and out.is_contiguous() and out.numel() >= math.prod(shape):
+            tensor = out.reshape(-1)[: math.prod(shape)].view(shape)
+        else:
+            tensor = torch.empty(shape, dtype=info.dtype)
         if end == begin:
             return tensor
         buffer = memoryview(tensor.view(-1).view(torch.uint8).numpy())

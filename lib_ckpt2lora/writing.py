@@ -16,7 +16,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
 
 import torch
@@ -320,4 +320,84 @@ def write_all(outputs: list[tuple[Path, dict[str, torch.Tensor], dict[str, str]]
 
 
 def _entries(tensors: dict[str, torch.Tensor]) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    if isinstance(tensors, SpilledTensors):  # without reading the spilled ones back
+        return [(name, *tensors.info(name)) for name in sorted(tensors)]
     return [(name, tensors[name].dtype, tuple(tensors[name].shape)) for name in sorted(tensors)]
+
+
+# A LoRA's tensors of this size or more wait in a temporary file, not in memory (SpilledTensors).
+SPILL_MIN_BYTES = 1 << 16
+
+
+class SpilledTensors(MutableMapping):
+    """A LoRA's tensors as a run collects them, those of SPILL_MIN_BYTES or more kept in a
+    temporary file in the output's folder rather than in memory, read back one at a time
+    when the LoRA is written: a 40-block Wan 14B LoRA (~700 MB of factors) would otherwise
+    sit in memory until the end, on top of the layer being computed.
+
+    The file is anonymous (``tempfile.TemporaryFile``: unlinked at once on POSIX, deleted
+    on close on Windows, even when the process is killed), so a failure or an interrupt
+    leaves nothing behind; ``close`` frees its space at once. Should the folder refuse the
+    file (or fill up), tensors simply stay in memory: the output's own write then says
+    what is wrong."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+        self._entries: dict[str, torch.Tensor | tuple[int, torch.dtype, tuple[int, ...]]] = {}
+        self._file = None
+        self._refused = folder is None
+
+    def __setitem__(self, name: str, tensor: torch.Tensor) -> None:
+        data = tensor_bytes(tensor)
+        self._entries[name] = tensor
+        if data.nbytes < SPILL_MIN_BYTES or self._refused:
+            return
+        try:
+            if self._file is None:
+                self._file = tempfile.TemporaryFile(prefix=".ckpt2lora-", suffix=".spill", dir=self.folder)
+            offset = self._file.seek(0, os.SEEK_END)
+            self._file.write(data)
+        except OSError:
+            self._refused = True  # kept in memory from now on
+            return
+        self._entries[name] = (offset, tensor.dtype, tuple(tensor.shape))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        entry = self._entries[name]
+        if isinstance(entry, torch.Tensor):
+            return entry
+        offset, dtype, shape = entry
+        tensor = torch.empty(shape, dtype=dtype)
+        buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        self._file.seek(offset)
+        done = 0
+        while done < len(buffer):
+            got = self._file.readinto(buffer[done:])
+            if not got:
+                raise UserError(f"The temporary file of the LoRA's factors in {self.folder} was cut short; run again.")
+            done += got
+        return tensor
+
+    def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """A tensor's dtype and shape, without reading it back."""
+        entry = self._entries[name]
+        if isinstance(entry, torch.Tensor):
+            return entry.dtype, tuple(entry.shape)
+        return entry[1], entry[2]
+
+    def __delitem__(self, name: str) -> None:
+        del self._entries[name]
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def close(self) -> None:
+        """Drop every tensor and the temporary file."""
+        self._entries.clear()
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+        self._file = None
