@@ -32,7 +32,7 @@ from .options import ExtractOptions
 from .planning import Plan, Unit, detail_output, make_plan, writes_checkpoint
 from .prefetch import prefetched
 from .report import Report
-from .sources import CheckpointSource, read_deltas
+from .sources import CheckpointSource, ReadDelta, SpareDeltas, read_deltas
 from .writing import SpilledTensors, check_output_path, write_all
 
 Progress = Callable[[int, int, str], None]
@@ -91,6 +91,7 @@ class Runner:
         # CPU runs of checkpoints: the reader forms the deltas (read_deltas); the GPU path and
         # LoRA variants read tensors and form the delta on the compute device
         self.reads_deltas = device.type == "cpu" and all(type(source) is CheckpointSource for source in plan.sources)
+        self.spare = SpareDeltas()  # deltas handed back by ``recycle``
 
     def load(self, unit: Unit, bases: list[torch.Tensor] | None = None):
         """Read the base and variant tensors of a unit (runs in the reader thread).
@@ -111,7 +112,7 @@ class Runner:
         base_parts, source_parts = [], [[] for _ in self.plan.sources]
         for index, part in enumerate(unit.parts):
             given = None if bases is None else self.prepare(bases[index])
-            base, deltas = read_deltas(self.plan.base, part, self.plan.sources, given)
+            base, deltas = read_deltas(self.plan.base, part, self.plan.sources, given, self.spare)
             base_parts.append(base)
             for items, delta in zip(source_parts, deltas):
                 items.append(delta)
@@ -138,7 +139,19 @@ class Runner:
             self.relative_deltas.append(step.relative_delta)
         return step
 
+    def recycle(self, loaded, step: LayerStep | None) -> None:
+        """Hand a finished unit's deltas back to the reader (SpareDeltas). Only when the step
+        kept no delta: a whole (.diff) tensor is the delta itself. The caller drops
+        ``loaded`` and never reads it again."""
+        if not self.reads_deltas or (step is not None and step.full is not None):
+            return
+        for items in loaded[1]:
+            for item in items:
+                if isinstance(item, ReadDelta):
+                    self.spare.give(item.tensor)
+
     def finish(self) -> None:
+        self.spare.clear()
         report = self.plan.report
         if self.relative_deltas and statistics.median(self.relative_deltas) > NOT_DERIVED_RELATIVE_DELTA:
             report.warnings.append(
@@ -177,8 +190,10 @@ def run_lora(plan: Plan, opts, device, progress, should_stop, log) -> tuple[dict
             for done, (unit, loaded) in enumerate(stream):
                 if should_stop is not None and should_stop():
                     raise Cancelled()
-                collected.add(unit, runner.compute(unit, loaded, collected.candidates))
-                del loaded  # before the reader may start the next unit but one
+                step = runner.compute(unit, loaded, collected.candidates)
+                collected.add(unit, step)
+                runner.recycle(loaded, step)
+                del loaded, step  # before the reader may start the next unit but one
                 if progress is not None:
                     progress(done + 1, total, unit.key)
         runner.finish()

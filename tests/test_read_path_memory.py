@@ -29,12 +29,21 @@ from lib_ckpt2lora.planning import make_plan
 extract_module = importlib.import_module("lib_ckpt2lora.extract")  # the package exports a function of that name
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-# Realistic widths (>= 1024: the randomized SVD path), plus a bias, an odd width and a 3-D table.
+# Realistic widths (>= 1024: the randomized SVD path), plus a bias, an odd width and a 3-D
+# table; blocks.3 has runs of equal sizes (mlp_out as the other mlps, transposed), as
+# real blocks do, so that finished deltas are handed back and reused (SpareDeltas).
 SHAPES = {
     **rl.DEFAULT_SHAPES,
     "blocks.1.proj.bias": (1024,),
     "blocks.2.odd.weight": (333, 1000),
     "blocks.2.table.weight": (1, 6, 1024),
+    "blocks.3.attn_k.weight": (1024, 1024),
+    "blocks.3.attn_q.weight": (1024, 1024),
+    "blocks.3.attn_v.weight": (1024, 1024),
+    "blocks.3.mlp.weight": (1536, 1024),
+    "blocks.3.mlp_in.weight": (1536, 1024),
+    "blocks.3.mlp_out.weight": (1024, 1536),
+    "blocks.3.norm.weight": (1024,),
 }
 
 
@@ -166,6 +175,15 @@ def test_lora_equals_the_one_from_the_old_formula(tmp_path, monkeypatch, setting
     byte for byte, and the same report."""
     base, variant = write_pair(tmp_path)
     monkeypatch.setattr(writing, "SPILL_MIN_BYTES", 1024)
+    reused, take = [], sources.SpareDeltas.take
+
+    def counting_take(self, shape):
+        spare = [tensor.data_ptr() for tensor in self._spare]
+        tensor = take(self, shape)
+        reused.append(tensor.data_ptr() in spare)
+        return tensor
+
+    monkeypatch.setattr(sources.SpareDeltas, "take", counting_take)
     runs = {}
     for name in ("new", "old"):
         with monkeypatch.context() as patch:
@@ -182,6 +200,7 @@ def test_lora_equals_the_one_from_the_old_formula(tmp_path, monkeypatch, setting
     assert list(new_tensors) == list(old_tensors) and all(torch.equal(new_tensors[k], old_tensors[k]) for k in old_tensors)
     assert new_bytes == old_bytes
     assert new_layers == old_layers
+    assert sum(reused) >= 2, "finished deltas were reused"
     for new, old in zip(new_outputs[1:], old_outputs[1:]):  # the detail LoRA
         assert new.read_bytes() == old.read_bytes()
 
