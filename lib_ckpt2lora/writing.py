@@ -369,13 +369,21 @@ class SpilledTensors(MutableMapping):
         offset, dtype, shape = entry
         tensor = torch.empty(shape, dtype=dtype)
         buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-        self._file.seek(offset)
         done = 0
-        while done < len(buffer):
-            got = self._file.readinto(buffer[done:])
-            if not got:
-                raise UserError(f"The temporary file of the LoRA's factors in {self.folder} was cut short; run again.")
-            done += got
+        try:
+            self._file.seek(offset)
+            while done < len(buffer):
+                got = self._file.readinto(buffer[done:])
+                if not got:
+                    break
+                done += got
+        except OSError as exc:  # e.g. the disk filled up while the spill was being written
+            raise UserError(
+                f"Could not read back the LoRA's factors kept in a temporary file in {self.folder} "
+                f"({exc.strerror or exc}); free some disk space there and run again (nothing was written)."
+            ) from None
+        if done < len(buffer):
+            raise UserError(f"The temporary file of the LoRA's factors in {self.folder} was cut short; run again.")
         return tensor
 
     def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:

@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from lib_ckpt2lora import sources, svd, writing
-from lib_ckpt2lora.errors import Cancelled
+from lib_ckpt2lora.errors import Cancelled, UserError
 from lib_ckpt2lora.extract import Runner, extract
 from lib_ckpt2lora.options import ExtractOptions
 from lib_ckpt2lora.planning import make_plan
@@ -268,3 +268,17 @@ def test_a_cancelled_run_leaves_nothing_and_closes_its_spill_file(tmp_path, monk
     assert opened and opened[0].name is not None, "the factors went to a spill file"
     assert all(file.closed for file in opened)
     assert list(out_dir.iterdir()) == []
+
+
+def test_a_spill_that_cannot_be_read_back_is_one_sentence(tmp_path, monkeypatch):
+    monkeypatch.setattr(writing, "SPILL_MIN_BYTES", 16)
+    spilled = writing.SpilledTensors(tmp_path)
+    spilled["x"] = torch.arange(100.0)
+
+    def fail(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spilled._file, "readinto", fail)
+    with pytest.raises(UserError, match="free some disk space"):
+        spilled["x"]
+    spilled.close()
