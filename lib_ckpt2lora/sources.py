@@ -84,8 +84,8 @@ def base_energy(base: torch.Tensor | ReadBase) -> float:
 # MAX_CHUNK_VALUES is done in one piece.
 ROW_CHUNK_VALUES = 1 << 20
 MAX_CHUNK_VALUES = 1 << 25
-# Plain stored dtypes read in row ranges; anything else (scaled or quantized fp8) is read
-# whole through FileView.read, which applies its scale.
+# Stored dtypes read into the reader's reused buffers (fp8 weights come dequantized, in
+# fresh float32 tensors).
 _ROW_READABLE = (torch.float32, torch.float16, torch.bfloat16)
 # The reader thread's row buffers, reused from unit to unit (per thread: a batch or a
 # checkpoint run has its own reader).
@@ -173,8 +173,9 @@ def read_deltas(
 
 
 class _RowReader:
-    """Row ranges of one canonical tensor, read as FileView.read would give them: plain
-    16/32-bit tensors straight from the file into a reused buffer, others read whole."""
+    """Row ranges of one canonical tensor, read as FileView.read gives it (TensorFile.get:
+    an fp8 weight comes dequantized, range by range): plain 16/32-bit tensors straight from
+    the file into a reused buffer."""
 
     def __init__(self, view: FileView, key: str, whole: torch.Tensor | None = None, role: str = "variant"):
         ref = view.refs[key]
@@ -182,17 +183,20 @@ class _RowReader:
         self.file, self.key = view.file, ref.key
         self.start = ref.rows[0] if ref.rows else 0
         self.whole = whole
-        if whole is None and (ref.key in view.scales or info is None or info.dtype not in _ROW_READABLE or not info.shape):
+        if whole is None and (info is None or not info.shape):
             self.whole = view.read(key)
         self.role = "read " + role  # the base's chunk must outlive the variants' reads
         self.dtype = None if info is None else info.dtype
+        self.buffered = info is not None and info.dtype in _ROW_READABLE and ref.key not in view.scales
         self.width = math.prod(info.shape[1:]) if info is not None else 0
 
     def rows(self, begin: int, end: int) -> torch.Tensor:
         if self.whole is not None:
             return self.whole[begin:end] if self.whole.dim() else self.whole
-        buffer = _buffer(self.dtype, self.role, (end - begin) * self.width)
-        return self.file.get(self.key, (self.start + begin, self.start + end), out=buffer)
+        rows = (self.start + begin, self.start + end)
+        if not self.buffered:
+            return self.file.get(self.key, rows)
+        return self.file.get(self.key, rows, out=_buffer(self.dtype, self.role, (end - begin) * self.width))
 
 
 def _widened(tensor: torch.Tensor, role: str) -> torch.Tensor:

@@ -55,7 +55,7 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(svd, "ENERGY_CHUNK", 1 << 12)
 
 
-def write_pair(folder, base_dtype=torch.bfloat16, variant_dtype=None, variant_form=None):
+def write_pair(folder, base_dtype=torch.bfloat16, variant_dtype=None, variant_form=None, base_form=None):
     base = rl.base_weights(SHAPES, seed=0, dtype=torch.float32)
     deltas = {
         key: rl.RELATIVE_CHANGE * rl.WEIGHT_STD * torch.randn(shape, generator=rl.generator(7)) for key, shape in SHAPES.items()
@@ -63,7 +63,8 @@ def write_pair(folder, base_dtype=torch.bfloat16, variant_dtype=None, variant_fo
     variant = rl.apply_delta(base, deltas, variant_dtype or base_dtype)
     if variant_form is not None:
         variant = variant_form(variant)
-    base_path = rl.save({k: v.to(base_dtype) for k, v in base.items()}, folder / "base.safetensors")
+    base = {k: v.to(base_dtype) for k, v in base.items()}
+    base_path = rl.save(base_form(base) if base_form is not None else base, folder / "base.safetensors")
     return base_path, rl.save(variant, folder / "variant.safetensors")
 
 
@@ -81,29 +82,42 @@ def plain(plan, key):
 
 
 def scaled_fp8(state):
+    """ComfyUI's old scaled-fp8 layout (scale_weight)."""
     from test_scaled_fp8 import to_scaled_fp8
 
     return to_scaled_fp8({k: v.float() for k, v in state.items()})
 
 
+def comfy_quant(state):
+    """ComfyUI's new fp8 layout (weight_scale, comfy_quant markers)."""
+    from test_comfy_quant import comfy_quantize
+
+    return comfy_quantize({k: v.float() for k, v in state.items()})[0]
+
+
 @pytest.mark.parametrize(
-    "base_dtype, variant_dtype, form",
+    "base_dtype, variant_dtype, variant_form, base_form",
     [
-        (torch.bfloat16, None, None),
-        (torch.float16, None, None),
-        (torch.float16, torch.bfloat16, None),
-        (torch.float32, None, None),
-        (torch.bfloat16, torch.float32, scaled_fp8),
+        (torch.bfloat16, None, None, None),
+        (torch.float16, None, None, None),
+        (torch.float16, torch.bfloat16, None, None),
+        (torch.float32, None, None, None),
+        (torch.bfloat16, torch.float32, scaled_fp8, None),
+        (torch.bfloat16, torch.float32, comfy_quant, None),
+        (torch.float32, torch.bfloat16, None, comfy_quant),
     ],
-    ids=["bf16", "fp16", "fp16-base-bf16-variant", "fp32", "bf16-base-scaled-fp8-variant"],
+    ids=["bf16", "fp16", "fp16-base-bf16-variant", "fp32", "scaled-fp8-variant", "comfy-quant-variant", "comfy-quant-base"],
 )
-def test_chunked_delta_equals_the_plain_delta_bit_for_bit(tmp_path, small_chunks, base_dtype, variant_dtype, form):
-    if form is scaled_fp8 and not hasattr(torch, "float8_e4m3fn"):
+def test_chunked_delta_equals_the_plain_delta_bit_for_bit(
+    tmp_path, small_chunks, base_dtype, variant_dtype, variant_form, base_form
+):
+    if (variant_form or base_form) and not hasattr(torch, "float8_e4m3fn"):
         pytest.skip("this torch has no float8_e4m3fn")
-    base, variant = write_pair(tmp_path, base_dtype, variant_dtype, form)
+    base, variant = write_pair(tmp_path, base_dtype, variant_dtype, variant_form, base_form)
     with planned(base, variant) as (plan, _):
-        if form is scaled_fp8:
-            assert plan.sources[0].view.scales, "the variant is read as scaled fp8"
+        if variant_form or base_form:
+            view = plan.sources[0].view if variant_form else plan.base
+            assert view.scales, "the fp8 file is read dequantized"
         assert len(sources.row_chunks(SHAPES["blocks.0.mlp.weight"])) > 1
         for key in SHAPES:
             read_base, (read,) = sources.read_deltas(plan.base, key, plan.sources)
