@@ -3,7 +3,10 @@ choose the ranks, write.
 
 Per layer: read the base tensor and the variant's (ahead, in a background thread),
 delta in fp32 on the compute device, truncated SVD (layer_step), factors cast and moved
-to the CPU at once. Only a few layers are ever in memory. With a global rank budget
+to the CPU at once. On the CPU the reader forms the fp32 delta itself, row chunk by row
+chunk (sources.read_deltas), so a layer costs its delta alone. Only a few layers are ever
+in memory; the LoRA's factors wait in a temporary file beside the output
+(writing.SpilledTensors) until it is written. With a global rank budget
 (--target-size / --target-energy) every layer's candidates up to --rank-max wait on the
 CPU in the save dtype, then allocation.py chooses all ranks together.
 
