@@ -9,20 +9,28 @@ iterations make them accurate enough that it equals it except on near-ties.
 
 The space searched is a block Krylov space (Musco & Musco 2015): every power iterate is
 kept, not only the last, at no extra pass over the delta (see ``randomized_svd``). It grows
-by one block (``wanted`` + 16 columns) per iteration until the energy of the leading
-``keep`` Ritz values, sum(s[:keep]^2), grows by less than CONVERGED of itself, at least
-MIN and at most MAX_POWER_ITERATIONS. Measured on bf16 layers 1024-10240 wide, flat,
-noisy and steep spectra, thresholds 0.5/0.8/0.95 (tests/measure_randomized_svd.py, and
-benchmarks/README.md): worst 0.9995 of the optimum with 2-3 iterations (tolerance 1e-3:
-0.9998 with 3-4, 40% more time), where plain subspace iteration needed 2-6 iterations
-of the same cost for 0.9991 (two fixed: 0.9870).
+by one block (BLOCK_FRACTION of ``wanted`` + 16 columns: 48 for the default cap 64) per
+iteration until the energy of the leading ``keep`` Ritz values, sum(s[:keep]^2), grows by
+less than CONVERGED of itself, at least MIN and at most MAX_POWER_ITERATIONS. Narrower
+blocks and more of them reach the same accuracy with fewer products (a higher Krylov
+degree): measured on the Z-Image and SD1.5 pairs of benchmarks/make_pairs.py, layer by
+layer against the exact spectrum (benchmarks/bench_svd_layers.py, benchmarks/README.md),
+blocks of 48 at tolerance 1e-3 keep the worst layer at 0.9996 of the optimum as blocks of
+80 at 3e-3 did, with 16-20% less CPU time.
 
-On a CPU that multiplies bf16 natively (AVX512-BF16, AMX: twice the fp32 speed here) the
-Krylov products use a bf16 copy of the delta (fp32 results): they only choose the
-subspace. The fp32 delta is then projected on it (one more product, k columns wide), so
-the values, the energies and the factors are those of the fp32 delta and the values
-are again lower bounds of the true ones. Elsewhere (CUDA: TF32 already; MPS; CPUs
-without fast bf16) every product is fp32.
+On a CPU that multiplies bf16 natively (AVX512-BF16, AMX: 2-3x the fp32 speed here) the
+Krylov products use a bf16 copy of the delta (their results rounded to bf16): they only
+choose the subspace. The fp32 delta is then projected on it (one fp32 product, k columns
+wide), so the values, the energies and the factors are those of the fp32 delta and the
+values are again lower bounds of the true ones. bf16 leaves ~1e-6 of the energy in the
+space's error; where the factors keep all but < 1e-3 of the energy (an exactly low-rank
+delta: a LoRA given as the variant, a merge) that would show, so one fp32 half power
+step (two more fp32 products) makes such a delta come out exact to fp32 precision.
+Elsewhere (CUDA: TF32 already; MPS; CPUs without fast bf16) every product is fp32.
+
+Small layers, where the randomized route would cost as much as an exact SVD, take the
+exact route: a full SVD, or, when the layer is at least twice as long as it is wide, the
+eigenvectors of its float64 Gram matrix (as exact, 2-4x cheaper there).
 """
 
 from __future__ import annotations
@@ -41,11 +49,11 @@ OVERSAMPLE = 16
 # Krylov iterations: at least MIN, then until the kept energy moves by < CONVERGED (relative).
 MIN_POWER_ITERATIONS = 1
 MAX_POWER_ITERATIONS = 8
-CONVERGED = 3e-3
-# Krylov products with a bf16 copy of the delta on CPUs where that is faster (see above).
-# Off: its subspace carries bf16's ~1e-3 relative error, so a fixed-rank LoRA of an exactly
-# low-rank delta (a LoRA given as the variant, a merge) is no longer exact to 1e-3 (the
-# loader and spelling tests caught it); on, it saves ~40% of the products' time.
+CONVERGED = 1e-3
+# Krylov block width as a fraction of k (wanted + OVERSAMPLE).
+BLOCK_FRACTION = 0.6
+# Krylov products with a bf16 copy of the delta on CPUs where that is faster (see above;
+# exactly low-rank deltas stay exact through the fp32 step of ``_refined``).
 BF16_ON_CPU = True
 # Past this fraction of the smaller side a full SVD is as cheap and exact.
 EXACT_FRACTION = 0.25
@@ -119,7 +127,10 @@ def factorize(
     if total_energy is None:
         total_energy = squared_norm(delta)
     wanted = target_rank(fixed_rank, cap, min(rows, cols))
-    u, s, vh = top_singular_triplets(delta, wanted, exact, generator, total_energy)
+    if not exact and _gram_is_cheaper(delta, wanted):
+        u, s, vh = leading_triplets_from_gram(delta, wanted)
+    else:
+        u, s, vh = top_singular_triplets(delta, wanted, exact, generator, total_energy)
     rank = wanted if fixed_rank > 0 else rank_for_energy(s, total_energy, threshold, wanted)
     rank = max(1, min(rank, len(s)))
     root = s[:rank].sqrt()
@@ -140,6 +151,37 @@ def top_singular_triplets(
     if exact or wanted + OVERSAMPLE >= EXACT_FRACTION * min(delta.shape):
         return on_supporting_device(torch.linalg.svd, delta, full_matrices=False)
     return randomized_svd(delta, wanted + OVERSAMPLE, keep=wanted, generator=generator, total_energy=total_energy)
+
+
+# A layer that takes the exact route (the randomized one would cost as much) and whose long
+# side is at least this many times its short side: the float64 Gram matrix of the short
+# side is cheaper than a full SVD (one thread, measured: [320, 2880] 0.030 vs 0.098 CPU s,
+# [320, 1280] 0.020 vs 0.040, [640, 1280] 0.087 vs 0.139; square: no gain).
+GRAM_ASPECT = 2
+
+
+def _gram_is_cheaper(delta: torch.Tensor, wanted: int) -> bool:
+    short, long = sorted(delta.shape)
+    return delta.device.type == "cpu" and wanted + OVERSAMPLE >= EXACT_FRACTION * short and long >= GRAM_ASPECT * short
+
+
+def leading_triplets_from_gram(delta: torch.Tensor, wanted: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``wanted`` leading singular triplets, exact to float64 precision, from the
+    eigenvectors of the short side's Gram matrix A A^T (float64, so the squared condition
+    costs nothing here): the leading ``wanted`` of them, L, then the SVD of L^T A through
+    a QR of its tall transpose (values lower bounds, equal to the true ones to float64
+    precision; an exactly low-rank delta is reproduced exactly)."""
+    transposed = delta.shape[0] > delta.shape[1]
+    a = to_float64(delta.T if transposed else delta)  # [short, long]
+    _, vectors = torch.linalg.eigh(a @ a.T)
+    left = vectors.flip(1)[:, :wanted]
+    p, r = torch.linalg.qr(a.T @ left)
+    u_small, s, w_t = torch.linalg.svd(r.T)
+    u, vh = (left @ u_small).to(delta.dtype), (w_t @ p.T).to(delta.dtype)
+    s = s.to(delta.dtype)
+    if transposed:
+        return vh.T, s, u.T
+    return u, s, vh
 
 
 def randomized_svd(
@@ -176,7 +218,7 @@ def randomized_svd(
     transposed = matrix.shape[0] > matrix.shape[1]
     exact_a = matrix.T if transposed else matrix  # [short, long]
     short, long = exact_a.shape
-    block = min(k if block is None else block, short)
+    block = min(max(1, round(BLOCK_FRACTION * k)) if block is None else block, short)
     reduced = exact_a.dtype == torch.float32 and exact_a.device.type == "cpu" and BF16_ON_CPU and bf16_is_faster_on_cpu()
     a = _bf16_copy(exact_a) if reduced else exact_a
     capacity = max(1, min(max_iterations + 1, short // block)) * block
@@ -184,7 +226,9 @@ def randomized_svd(
     # are contiguous, so only the blocks used are ever touched).
     basis_t = exact_a.new_empty(capacity, short, dtype=torch.float32)
     projection_t = exact_a.new_empty(capacity, long, dtype=torch.float32)
-    gram = torch.zeros(capacity, capacity, dtype=torch.float64)  # Z^T Z, grown block by block
+    # Z^T Z, grown block by block, on the CPU: float64, or float32 after bf16 products (it
+    # only ranks the Ritz vectors then; its solves cost half as much)
+    gram = torch.zeros(capacity, capacity, dtype=torch.float32 if reduced else torch.float64)
     sketch = torch.randn(long, block, device=a.device, generator=generator)
     used = _add_block(a, _orthonormal(_product(a, sketch)), basis_t, projection_t, gram, 0)
     kept = _kept_energy(gram[:used, :used], keep)
@@ -209,11 +253,11 @@ def randomized_svd(
 
 def _add_block(a, new, basis_t, projection_t, gram, used) -> int:
     """Store Q_i (orthonormal, [short, b]) and Z_i^T = Q_i^T A, and extend Z^T Z by Z_i's
-    row and column (fp32 products, float64 storage). Returns the columns now used."""
+    row and column (fp32 products). Returns the columns now used."""
     end = used + new.shape[1]
     basis_t[used:end] = new.T
     projection_t[used:end] = _product(a.T, new).T
-    cross = to_float64((projection_t[:end] @ projection_t[used:end].T).cpu())
+    cross = (projection_t[:end] @ projection_t[used:end].T).cpu()  # cast to the Gram's dtype on assignment
     gram[:end, used:end] = cross
     gram[used:end, :end] = cross.T
     return end
@@ -241,8 +285,8 @@ def _next_block(columns: torch.Tensor, basis_t: torch.Tensor) -> torch.Tensor:
 
 
 def _kept_energy(gram: torch.Tensor, keep: int) -> float:
-    """Sum of the leading ``keep`` squared Ritz values: eigenvalues of Z^T Z (float64;
-    only the energy, which the convergence test needs, not the vectors)."""
+    """Sum of the leading ``keep`` squared Ritz values: eigenvalues of Z^T Z (only the
+    energy, which the convergence test needs, not the vectors)."""
     values = torch.linalg.eigvalsh(gram)
     return float(values.flip(0)[:keep].clamp(min=0).sum())
 
