@@ -130,7 +130,7 @@ def factorize(
     if not exact and _gram_is_cheaper(delta, wanted):
         u, s, vh = leading_triplets_from_gram(delta, wanted)
     else:
-        u, s, vh = top_singular_triplets(delta, wanted, exact, generator, total_energy)
+        u, s, vh = top_singular_triplets(delta, wanted, exact, generator, total_energy, triplets=wanted)
     rank = wanted if fixed_rank > 0 else rank_for_energy(s, total_energy, threshold, wanted)
     rank = max(1, min(rank, len(s)))
     root = s[:rank].sqrt()
@@ -146,11 +146,17 @@ def top_singular_triplets(
     exact: bool,
     generator: torch.Generator | None,
     total_energy: float | None = None,
+    triplets: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """At least ``wanted`` leading singular triplets: randomized unless that costs as much as exact."""
+    """At least ``wanted`` leading singular triplets: randomized unless that costs as much as exact.
+
+    ``triplets``: on the randomized route, return this many (default ``wanted`` + OVERSAMPLE,
+    whose values some callers read as the spectrum's head): fewer narrows its last fp32 product."""
     if exact or wanted + OVERSAMPLE >= EXACT_FRACTION * min(delta.shape):
         return on_supporting_device(torch.linalg.svd, delta, full_matrices=False)
-    return randomized_svd(delta, wanted + OVERSAMPLE, keep=wanted, generator=generator, total_energy=total_energy)
+    return randomized_svd(
+        delta, wanted + OVERSAMPLE, keep=wanted, generator=generator, total_energy=total_energy, triplets=triplets
+    )
 
 
 # A layer that takes the exact route (the randomized one would cost as much) and whose long
@@ -194,13 +200,14 @@ def randomized_svd(
     tolerance: float | None = None,
     block: int | None = None,
     total_energy: float | None = None,
+    triplets: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """At least k leading singular triplets of ``matrix`` (Ritz values: lower bounds of the
     true ones) from a block Krylov space, grown until the energy of the leading ``keep``
     (default k) values converges.
 
     With A the matrix oriented [short side, long side], the space is span[Q_0, Q_1, ...],
-    Q_0 = orth(A S) for a Gaussian S of ``block`` columns (default k) and Q_{i+1} =
+    Q_0 = orth(A S) for a Gaussian S of ``block`` columns (default BLOCK_FRACTION k) and Q_{i+1} =
     orth(A A^T Q_i) orthogonalised against every earlier block. Subspace iteration keeps
     only the last Q_i; keeping all of them (Musco & Musco 2015) costs no extra pass over A,
     because Z_i = A^T Q_i, computed to go one step further, is also the i-th block of
@@ -210,7 +217,8 @@ def randomized_svd(
 
     Iteration limits and tolerance default to the module's constants (read at call time).
     ``total_energy``: ||matrix||_F^2 when the caller has it (the bf16 path's refinement
-    test needs it)."""
+    test needs it). ``triplets``: return only this many leading triplets (default k; at
+    least ``keep``): the Ritz step projects that many columns."""
     keep = k if keep is None else keep
     min_iterations = MIN_POWER_ITERATIONS if min_iterations is None else min_iterations
     max_iterations = MAX_POWER_ITERATIONS if max_iterations is None else max_iterations
@@ -240,7 +248,8 @@ def randomized_svd(
         previous, kept = kept, _kept_energy(gram[:used, :used], keep)
         if iteration >= min_iterations and used >= k and kept - previous <= tolerance * kept:
             break
-    u, s, vh = _ritz_triplets(exact_a, basis_t[:used], projection_t[:used], gram[:used, :used], k, reduced)
+    count = k if triplets is None else max(keep, triplets)
+    u, s, vh = _ritz_triplets(exact_a, basis_t[:used], projection_t[:used], gram[:used, :used], count, reduced)
     if reduced:
         if total_energy is None:
             total_energy = squared_norm(exact_a)
