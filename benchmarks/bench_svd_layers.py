@@ -129,8 +129,13 @@ def main(argv: list[str] | None = None) -> int:
                         calls[0] = 0
                         for _ in range(args.repeats):
                             started = time.thread_time()
-                            fact = svd.factorize(block, threshold=THRESHOLD, cap=CAP, total_energy=total,
-                                                 generator=torch.Generator().manual_seed(0))
+                            fact = svd.factorize(
+                                block,
+                                threshold=THRESHOLD,
+                                cap=CAP,
+                                total_energy=total,
+                                generator=torch.Generator().manual_seed(0),
+                            )
                             best = min(best, time.thread_time() - started)
                     finally:
                         for attr, value in saved.items():
@@ -164,14 +169,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'total':>14} {sum(counts.values()):5d} " + " ".join(f"{sum(scaled[n].values()):12.2f}" for n in names))
     for name, _ in policies:
         r = ratios[name]
-        print(f"{name}: energy/optimum worst {worst[name][0]:.5f} ({worst[name][1]}), mean {sum(r) / len(r):.5f}, "
-              f"rank mismatches {mismatches[name]}, Krylov blocks mean {sum(krylov_blocks[name]) / len(krylov_blocks[name]):.2f} "
-              f"max {max(krylov_blocks[name]):.0f}")
+        print(
+            f"{name}: energy/optimum worst {worst[name][0]:.5f} ({worst[name][1]}), mean {sum(r) / len(r):.5f}, "
+            f"rank mismatches {mismatches[name]}, Krylov blocks mean {sum(krylov_blocks[name]) / len(krylov_blocks[name]):.2f} "
+            f"max {max(krylov_blocks[name]):.0f}"
+        )
     if args.json_out:
-        args.json_out.write_text(json.dumps({
-            "totals": {n: sum(scaled[n].values()) for n in names},
-            "per_shape": {n: {"x".join(map(str, s)): v for s, v in scaled[n].items()} for n in names},
-            "worst": {n: worst[n] for n, _ in policies}, "mismatches": dict(mismatches)}, indent=1))
+        args.json_out.write_text(
+            json.dumps(
+                {
+                    "totals": {n: sum(scaled[n].values()) for n in names},
+                    "per_shape": {n: {"x".join(map(str, s)): v for s, v in scaled[n].items()} for n in names},
+                    "worst": {n: worst[n] for n, _ in policies},
+                    "mismatches": dict(mismatches),
+                },
+                indent=1,
+            )
+        )
     return 0
 
 
