@@ -16,12 +16,12 @@ blocks and more of them reach the same accuracy with fewer products (a higher Kr
 degree): measured on the Z-Image and SD1.5 pairs of benchmarks/make_pairs.py, layer by
 layer against the exact spectrum (benchmarks/bench_svd_layers.py, benchmarks/README.md),
 blocks of 48 at tolerance 1e-3 keep the worst layer at 0.9996 of the optimum as blocks of
-80 at 3e-3 did, with 16-20% less CPU time.
+80 at 3e-3 did, with 12-13% less CPU time in the SVD step.
 
 On a CPU that multiplies bf16 natively (AVX512-BF16, AMX: 2-3x the fp32 speed here) the
 Krylov products use a bf16 copy of the delta (their results rounded to bf16): they only
-choose the subspace. The fp32 delta is then projected on it (one fp32 product, k columns
-wide), so the values, the energies and the factors are those of the fp32 delta and the
+choose the subspace. The fp32 delta is then projected on it (one fp32 product, as many
+columns as triplets are asked for), so the values, the energies and the factors are those of the fp32 delta and the
 values are again lower bounds of the true ones. bf16 leaves ~1e-6 of the energy in the
 space's error; where the factors keep all but < 1e-3 of the energy (an exactly low-rank
 delta: a LoRA given as the variant, a merge) that would show, so one fp32 half power
