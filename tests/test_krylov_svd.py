@@ -135,3 +135,19 @@ def test_exact_route_through_the_gram_matrix(monkeypatch, shape):
     calls.clear()
     svd.factorize(bf16_layer(320, 400, seed=1, decay=1.0, noise=0.3))
     assert calls == []  # not twice as long as wide: the full SVD is as cheap
+
+
+def test_bf16_buffer_is_reused_and_released(monkeypatch):
+    """The bf16 copy of the delta goes into one per-thread buffer, grown to the largest
+    layer and reused; release_scratch frees it (a long-lived worker thread's caller)."""
+    monkeypatch.setattr(svd, "BF16_ON_CPU", True)
+    if not svd.bf16_is_faster_on_cpu():
+        pytest.skip("this CPU has no fast bf16: the buffer is never used")
+    svd.release_scratch()
+    svd.factorize(bf16_layer(1024, 1536, 5, 1.0, 0.3), generator=torch.Generator().manual_seed(0))
+    buffer = svd._scratch.bf16
+    assert buffer.numel() == 1024 * 1536
+    svd.factorize(bf16_layer(1536, 512, 6, 1.0, 0.3), generator=torch.Generator().manual_seed(0))
+    assert svd._scratch.bf16 is buffer  # smaller layer: same buffer
+    svd.release_scratch()
+    assert svd._scratch.bf16 is None
