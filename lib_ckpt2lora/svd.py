@@ -15,8 +15,8 @@ less than CONVERGED of itself, at least MIN and at most MAX_POWER_ITERATIONS. Na
 blocks and more of them reach the same accuracy with fewer products (a higher Krylov
 degree): measured on the Z-Image and SD1.5 pairs of benchmarks/make_pairs.py, layer by
 layer against the exact spectrum (benchmarks/bench_svd_layers.py, benchmarks/README.md),
-blocks of 48 at tolerance 1e-3 keep the worst layer at 0.9996 of the optimum as blocks of
-80 at 3e-3 did, with 12-13% less CPU time in the SVD step.
+blocks of 48 at tolerance 1e-3 keep every layer at >= 0.9993 of the optimum (blocks of 80
+at 3e-3: 0.9996) with 10-13% less CPU time in the SVD step.
 
 On a CPU that multiplies bf16 natively (AVX512-BF16, AMX: 2-3x the fp32 speed here) the
 Krylov products use a bf16 copy of the delta (their results rounded to bf16): they only
