@@ -30,13 +30,12 @@ THRESHOLDS = (0.5, 0.8, 0.95)
 CAP = 64
 # name: (oversample, keyword arguments of randomized_svd, bf16 products where the CPU has them)
 POLICIES = {
-    "fixed 2, fp32": (16, dict(min_iterations=2, max_iterations=2), False),
-    "fixed 3, fp32": (16, dict(min_iterations=3, max_iterations=3), False),
-    "adaptive 1e-3, fp32": (16, dict(min_iterations=1, max_iterations=8, tolerance=1e-3), False),
-    "adaptive 3e-3, fp32": (16, dict(min_iterations=1, max_iterations=8, tolerance=3e-3), False),
-    "adaptive 1e-3, bf16": (16, dict(min_iterations=1, max_iterations=8, tolerance=1e-3), True),
-    "adaptive 3e-3, bf16 (default)": (16, dict(min_iterations=1, max_iterations=8, tolerance=3e-3), True),
-    "adaptive 1e-2, bf16": (16, dict(min_iterations=1, max_iterations=8, tolerance=1e-2), True),
+    "fixed 2, fp32, block 80": (16, dict(min_iterations=2, max_iterations=2, block=80), False),
+    "adaptive 3e-3, fp32, block 80": (16, dict(min_iterations=1, max_iterations=8, tolerance=3e-3, block=80), False),
+    "adaptive 3e-3, bf16, block 80": (16, dict(min_iterations=1, max_iterations=8, tolerance=3e-3, block=80), True),
+    "adaptive 1e-3, fp32, block 48": (16, dict(min_iterations=1, max_iterations=8, tolerance=1e-3, block=48), False),
+    "adaptive 3e-3, bf16, block 48": (16, dict(min_iterations=1, max_iterations=8, tolerance=3e-3, block=48), True),
+    "adaptive 1e-3, bf16, block 48 (default)": (16, dict(min_iterations=1, max_iterations=8, tolerance=1e-3, block=48), True),
 }
 
 

@@ -75,3 +75,79 @@ def test_rank_rule_on_the_krylov_values_is_the_exact_rule_for_a_steep_spectrum(m
     total = float((exact**2).sum())
     for threshold in (0.5, 0.8, 0.95):
         assert rank_for_energy(s, total, threshold, 64) == rank_for_energy(exact, total, threshold, 64)
+
+
+@pytest.mark.parametrize("shape", [(1536, 1024), (1024, 1536)])
+def test_bf16_products_refine_an_exactly_low_rank_delta(monkeypatch, shape):
+    """bf16 products find an exactly rank-12 delta's space only to bf16 precision (~1e-3 of
+    its entries); the factors then keep all but ~1e-6 of the energy, which triggers one
+    fp32 half power step: the LoRA is exact to fp32 precision, at the auto rank and at a
+    fixed rank, as loaders and merges need (a LoRA given as the variant)."""
+    monkeypatch.setattr(svd, "BF16_ON_CPU", True)
+    refined = []
+    real = svd._refined
+    monkeypatch.setattr(svd, "_refined", lambda *a: refined.append(1) or real(*a))
+    gen = rl.generator(3)
+    u = rl.orthonormal(shape[0], 12, gen)
+    v = rl.orthonormal(shape[1], 12, gen)
+    delta = rl.signal_from(u, v, rl.decaying_spectrum(12, 0.7)).float() * 0.01
+    for fixed in (0, 12, 20):
+        fact = svd.factorize(delta, fixed_rank=fixed, threshold=0.999999, generator=torch.Generator().manual_seed(4))
+        assert fact.rank == (fixed or 12)
+        error = float((fact.up @ fact.down - delta).norm() / delta.norm())
+        assert error <= 1e-5, (fixed, error)
+    if svd.bf16_is_faster_on_cpu():  # the bf16 path ran: its refinement did the work
+        assert len(refined) == 3
+
+
+def test_bf16_products_on_a_realistic_layer_need_no_refinement(monkeypatch):
+    """A full-rank noisy delta keeps far from all its energy at the cap: bf16's ~1e-6
+    does not matter there, and no fp32 refinement is spent."""
+    monkeypatch.setattr(svd, "BF16_ON_CPU", True)
+    refined = []
+    monkeypatch.setattr(svd, "_refined", lambda *a: refined.append(1))
+    svd.factorize(bf16_layer(1024, 1536, 5, 1.0, 0.3), generator=torch.Generator().manual_seed(0))
+    assert refined == []
+
+
+@pytest.mark.parametrize("shape", [(320, 2880), (2880, 320), (300, 640)])
+def test_exact_route_through_the_gram_matrix(monkeypatch, shape):
+    """Small layers at least twice as long as wide take the float64 Gram route: the
+    values, ranks, energies and factors of a full SVD (and an exactly low-rank delta
+    reproduced exactly); square small layers keep the full SVD."""
+    calls = []
+    real = svd.leading_triplets_from_gram
+    monkeypatch.setattr(svd, "leading_triplets_from_gram", lambda *a: calls.append(a[0].shape) or real(*a))
+    delta = bf16_layer(*shape, seed=11, decay=1.0, noise=0.3)
+    exact = torch.linalg.svdvals(delta.double())
+    for threshold in (0.5, 0.95):
+        fast = svd.factorize(delta, threshold=threshold)
+        reference = svd.factorize(delta, threshold=threshold, exact=True)
+        assert fast.rank == reference.rank == rank_for_energy(exact, float((exact**2).sum()), threshold, 64)
+        assert fast.energy == pytest.approx(reference.energy, abs=1e-6)
+        assert torch.allclose(fast.singular_values.double(), exact[: len(fast.singular_values)], rtol=1e-5)
+        assert torch.allclose(fast.up @ fast.down, reference.up @ reference.down, atol=1e-6)
+    assert calls == [shape, shape]
+    gen = rl.generator(5)
+    low = rl.signal_from(rl.orthonormal(shape[0], 6, gen), rl.orthonormal(shape[1], 6, gen), rl.decaying_spectrum(6)).float()
+    fact = svd.factorize(low, fixed_rank=8)
+    assert torch.allclose(fact.up @ fact.down, low, atol=1e-6)
+    calls.clear()
+    svd.factorize(bf16_layer(320, 400, seed=1, decay=1.0, noise=0.3))
+    assert calls == []  # not twice as long as wide: the full SVD is as cheap
+
+
+def test_bf16_buffer_is_reused_and_released(monkeypatch):
+    """The bf16 copy of the delta goes into one per-thread buffer, grown to the largest
+    layer and reused; release_scratch frees it (a long-lived worker thread's caller)."""
+    monkeypatch.setattr(svd, "BF16_ON_CPU", True)
+    if not svd.bf16_is_faster_on_cpu():
+        pytest.skip("this CPU has no fast bf16: the buffer is never used")
+    svd.release_scratch()
+    svd.factorize(bf16_layer(1024, 1536, 5, 1.0, 0.3), generator=torch.Generator().manual_seed(0))
+    buffer = svd._scratch.bf16
+    assert buffer.numel() == 1024 * 1536
+    svd.factorize(bf16_layer(1536, 512, 6, 1.0, 0.3), generator=torch.Generator().manual_seed(0))
+    assert svd._scratch.bf16 is buffer  # smaller layer: same buffer
+    svd.release_scratch()
+    assert svd._scratch.bf16 is None
