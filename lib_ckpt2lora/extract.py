@@ -36,6 +36,7 @@ from .planning import Plan, Unit, detail_output, make_plan, writes_checkpoint
 from .prefetch import prefetched
 from .report import Report
 from .sources import CheckpointSource, ReadDelta, SpareDeltas, read_deltas
+from .svd import release_scratch
 from .writing import SpilledTensors, check_output_path, write_all
 
 Progress = Callable[[int, int, str], None]
@@ -62,6 +63,7 @@ def extract(
     opts.validate()
     device = resolve_device(opts.device)
     with contextlib.ExitStack() as stack:
+        stack.callback(release_scratch)  # a WebUI/ComfyUI worker thread outlives the run
         stack.enter_context(fast_matmuls(device))  # TF32 on CUDA for this run only
         plan = make_plan(opts, stack, log)  # reads headers only: input problems come first
         check_output_path(opts.out, opts.overwrite)

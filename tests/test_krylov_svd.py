@@ -151,3 +151,42 @@ def test_bf16_buffer_is_reused_and_released(monkeypatch):
     assert svd._scratch.bf16 is buffer  # smaller layer: same buffer
     svd.release_scratch()
     assert svd._scratch.bf16 is None
+
+
+def test_a_run_releases_the_bf16_buffer_of_its_thread(tmp_path, monkeypatch):
+    """extract() frees the per-thread bf16 buffer when it ends: a WebUI or ComfyUI worker
+    thread would otherwise keep the largest layer's copy (78-140 MB) between runs."""
+    import threading
+
+    from safetensors.torch import save_file
+
+    from lib_ckpt2lora import extract
+    from lib_ckpt2lora.options import ExtractOptions
+
+    monkeypatch.setattr(svd, "BF16_ON_CPU", True)
+    if not svd.bf16_is_faster_on_cpu():
+        pytest.skip("this CPU has no fast bf16: the buffer is never used")
+    base = torch.randn(1024, 1536).to(torch.bfloat16)
+    variant = (base.float() + bf16_layer(1024, 1536, 5, 1.0, 0.3) * 0.01).to(torch.bfloat16)
+    save_file({"net.weight": base}, str(tmp_path / "base.safetensors"))
+    save_file({"net.weight": variant}, str(tmp_path / "variant.safetensors"))
+    used = []
+    real_copy = svd._bf16_copy
+
+    def counted(matrix):
+        used.append(matrix.shape)
+        return real_copy(matrix)
+
+    monkeypatch.setattr(svd, "_bf16_copy", counted)
+    seen = {}
+
+    def worker():
+        extract(ExtractOptions(base=tmp_path / "base.safetensors", variant=tmp_path / "variant.safetensors",
+                               out=tmp_path / "lora.safetensors"), log=lambda _: None)
+        seen["buffer"] = getattr(svd._scratch, "bf16", None)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert used, "the run never took the bf16 route: the check would prove nothing"
+    assert seen["buffer"] is None

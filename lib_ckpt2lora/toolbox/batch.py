@@ -36,6 +36,7 @@ from ..lora_format import complete_attention_groups
 from ..options import ExtractOptions
 from ..planning import Plan, Unit, detail_output, open_base, plan_against, refuse_output_over_an_input
 from ..prefetch import prefetched
+from ..svd import release_scratch
 from ..writing import check_output_path
 
 
@@ -133,6 +134,7 @@ def extract_batch(
     per_variant[0].validate()  # the same settings for every variant: checked once
     device = resolve_device(opts.device)
     with contextlib.ExitStack() as stack:
+        stack.callback(release_scratch)  # a WebUI/ComfyUI worker thread outlives the run
         stack.enter_context(fast_matmuls(device))
         opened = open_base(per_variant[0], stack, log)
         result = BatchResult(opened.arch.name)

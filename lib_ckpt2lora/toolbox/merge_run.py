@@ -34,6 +34,7 @@ from ..options import BUDGET_OBJECTIVES, FORMATS, SAVE_DTYPES
 from ..planning import Unit
 from ..rank import captured_energy, rank_for_energy
 from ..report import Report, record_for
+from ..svd import release_scratch
 from ..writing import SAVE_DTYPES as TORCH_DTYPES
 from ..writing import check_output_path, tensors_file_size, write_all
 from .merge import merge_terms
@@ -157,6 +158,7 @@ def merge_loras(
     check_output_path(opts.out, opts.overwrite)
     device = resolve_device(opts.device)
     with contextlib.ExitStack() as stack:
+        stack.callback(release_scratch)  # a WebUI/ComfyUI worker thread outlives the run
         inputs = []
         for item in opts.inputs:
             lora = LoraInput(item)
