@@ -16,6 +16,7 @@ from .metadata import lora_metadata
 from .options import ExtractOptions
 from .planning import Plan, Unit
 from .svd import Factorization
+from .writing import tensor_info
 
 
 def shared_alpha(opts: ExtractOptions) -> int:
@@ -116,6 +117,6 @@ def complete_attention_groups(plan: Plan, opts: ExtractOptions, tensors: dict, w
 def lora_file_metadata(plan: Plan, opts: ExtractOptions, tensors: dict, path: Path, kind: str) -> dict[str, str]:
     """A LoRA file's metadata, with every module's rank read off its down factor."""
     down = plan.arch.formats[plan.fmt].down
-    ranks = {name[: -len(down)]: int(t.shape[0]) for name, t in tensors.items() if name.endswith(down)}
+    ranks = {name[: -len(down)]: tensor_info(tensors, name)[1][0] for name in tensors if name.endswith(down)}
     style = plan.arch.formats[plan.fmt]
     return lora_metadata(plan.arch, opts, ranks, path.stem, plan.fmt, file_alpha(style, opts, ranks), kind=kind)

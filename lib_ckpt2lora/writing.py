@@ -320,9 +320,14 @@ def write_all(outputs: list[tuple[Path, dict[str, torch.Tensor], dict[str, str]]
 
 
 def _entries(tensors: dict[str, torch.Tensor]) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-    if isinstance(tensors, SpilledTensors):  # without reading the spilled ones back
-        return [(name, *tensors.info(name)) for name in sorted(tensors)]
-    return [(name, tensors[name].dtype, tuple(tensors[name].shape)) for name in sorted(tensors)]
+    return [(name, *tensor_info(tensors, name)) for name in sorted(tensors)]
+
+
+def tensor_info(tensors: dict[str, torch.Tensor], name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+    """A collected tensor's dtype and shape; a spilled one is not read back for it."""
+    if isinstance(tensors, SpilledTensors):
+        return tensors.info(name)
+    return tensors[name].dtype, tuple(tensors[name].shape)
 
 
 # A LoRA's tensors of this size or more wait in a temporary file, not in memory (SpilledTensors).
