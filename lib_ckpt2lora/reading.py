@@ -169,18 +169,10 @@ class TensorFile:
         """Fill ``buffer`` from ``offset``; the byte count read (less only at the end of the file).
 
         seek + readinto (portable: Windows has no pread) under a per-file lock, since the
-        prefetch thread and the main thread share the handle. One read returns at most
-        0x7ffff000 bytes on Linux (INT_MAX on Windows) and network drives return less,
-        so loop until full; only a read of 0 bytes means the file ends early."""
-        done = 0
+        prefetch thread and the main thread share the handle (read_into loops until full)."""
         with self._lock:
             self._handle.seek(offset)
-            while done < len(buffer):
-                got = self._handle.readinto(buffer[done:])
-                if not got:  # 0 at the end of the file (None only for non-blocking files)
-                    break
-                done += got
-        return done
+            return read_into(self._handle, buffer)
 
     def close(self) -> None:
         if self._handle is not None:
@@ -193,6 +185,19 @@ class TensorFile:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def read_into(handle, buffer: memoryview) -> int:
+    """Fill ``buffer`` from ``handle``'s position; the byte count read (less only at the end
+    of the file): one read returns at most 0x7ffff000 bytes on Linux (INT_MAX on Windows)
+    and network drives return less, so loop until full."""
+    done = 0
+    while done < len(buffer):
+        got = handle.readinto(buffer[done:])
+        if not got:  # 0 at the end of the file (None only for non-blocking files)
+            break
+        done += got
+    return done
 
 
 def read_safetensors_header(

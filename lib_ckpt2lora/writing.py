@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .reading import DTYPE_NAMES
+from .reading import DTYPE_NAMES, read_into
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 ALIGNMENT = 8
@@ -374,14 +374,9 @@ class SpilledTensors(MutableMapping):
         offset, dtype, shape = entry
         tensor = torch.empty(shape, dtype=dtype)
         buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-        done = 0
         try:
             self._file.seek(offset)
-            while done < len(buffer):
-                got = self._file.readinto(buffer[done:])
-                if not got:
-                    break
-                done += got
+            done = read_into(self._file, buffer)
         except OSError as exc:  # e.g. the disk filled up while the spill was being written
             raise UserError(
                 f"Could not read back the LoRA's factors kept in a temporary file in {self.folder} "
