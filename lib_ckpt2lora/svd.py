@@ -181,10 +181,7 @@ def leading_triplets_from_gram(delta: torch.Tensor, wanted: int) -> tuple[torch.
     a = to_float64(delta.T if transposed else delta)  # [short, long]
     _, vectors = torch.linalg.eigh(a @ a.T)
     left = vectors.flip(1)[:, :wanted]
-    p, r = torch.linalg.qr(a.T @ left)
-    u_small, s, w_t = torch.linalg.svd(r.T)
-    u, vh = (left @ u_small).to(delta.dtype), (w_t @ p.T).to(delta.dtype)
-    s = s.to(delta.dtype)
+    u, s, vh = (part.to(delta.dtype) for part in _projected_svd(left, a.T @ left))
     if transposed:
         return vh.T, s, u.T
     return u, s, vh
@@ -312,7 +309,12 @@ def _ritz_triplets(exact_a, basis_t, projection_t, gram, k, reduced):
     _, vectors = torch.linalg.eigh(gram)
     leading = vectors.flip(1)[:, :k].to(basis_t.device, torch.float32)
     left = basis_t.T @ leading
-    y = exact_a.T @ left if reduced else projection_t.T @ leading
+    return _projected_svd(left, exact_a.T @ left if reduced else projection_t.T @ leading)
+
+
+def _projected_svd(left: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The SVD of L^T A from Y = A^T L: with Y = P R, L^T A = R^T P^T, whose SVD is R^T's
+    (small, square) with P applied."""
     p, r = on_supporting_device(torch.linalg.qr, y)
     u_small, s, w_t = on_supporting_device(torch.linalg.svd, r.T)
     return left @ u_small, s, w_t @ p.T
