@@ -18,6 +18,7 @@ writes files; checkpoint.py is the checkpoint output.
 from __future__ import annotations
 
 import contextlib
+import math
 import statistics
 import sys
 from collections.abc import Callable
@@ -96,7 +97,9 @@ class Runner:
         # CPU runs of checkpoints: the reader forms the deltas (read_deltas); the GPU path and
         # LoRA variants read tensors and form the delta on the compute device
         self.reads_deltas = device.type == "cpu" and all(type(source) is CheckpointSource for source in plan.sources)
-        self.spare = SpareDeltas()  # deltas handed back by ``recycle``
+        # deltas handed back by ``recycle``: buffers as large as the largest part
+        largest = max((math.prod(shape) for unit in plan.units for shape in _part_shapes(plan, unit)), default=0)
+        self.spare = SpareDeltas(capacity=largest)
 
     def load(self, unit: Unit, bases: list[torch.Tensor] | None = None):
         """Read the base and variant tensors of a unit (runs in the reader thread).
@@ -268,6 +271,10 @@ def write_lora_outputs(plan: Plan, opts: ExtractOptions, main, detail) -> list[P
             pending.append((path, tensors, lora_file_metadata(plan, opts, tensors, path, kind)))
     write_all(pending, opts.overwrite)
     return [path for path, _, _ in pending]
+
+
+def _part_shapes(plan: Plan, unit: Unit) -> list[tuple[int, ...]]:
+    return [tuple(plan.base.shapes[part]) for part in unit.parts]
 
 
 def _log_to_stderr(message: str) -> None:

@@ -87,6 +87,11 @@ MAX_CHUNK_VALUES = 1 << 25
 # Stored dtypes read into the reader's reused buffers (fp8 weights come dequantized, in
 # fresh float32 tensors).
 _ROW_READABLE = (torch.float32, torch.float16, torch.bfloat16)
+# torch's CPU allocator aligns every tensor to 64 bytes.
+ALLOCATOR_ALIGNMENT = 64
+# Deltas of at least this many values come from SpareDeltas' reused buffers (4 MB: below
+# that, malloc serves them from its heap without fresh pages).
+POOLED_VALUES = 1 << 20
 # The reader thread's row buffers, reused from unit to unit (per thread: a batch or a
 # checkpoint run has its own reader).
 _buffers = threading.local()
@@ -107,34 +112,60 @@ def row_chunks(shape: tuple[int, ...]) -> list[tuple[int, int]]:
 
 
 class SpareDeltas:
-    """fp32 deltas of finished units, handed back to the reader for the next unit of as
-    many values: a fresh allocation of a large tensor costs its page faults (here 0.07 CPU s
-    per 40 M values, twice what forming the delta costs). Holds at most ``keep``; one that
-    fits no request is let go before the reader allocates, so memory does not grow."""
+    """Flat fp32 buffers of finished units' deltas, handed back to the reader and reused for
+    any later delta that fits (a delta is then a view of the buffer's first values): a
+    fresh allocation of a large tensor costs its page faults (here 0.07 CPU s per 40 M
+    values, twice what forming the delta costs), and real models alternate shapes
+    (Z-Image: q|k|v [11520, 3840], out [3840, 3840], w1 [10240, 3840], ...), so reuse by
+    exact size missed most of them. Holds at most ``keep``; when none fits a request, the
+    spares are let go before the reader allocates, so memory does not grow (the buffers
+    stay as large as the largest deltas in flight). Deltas under POOLED_VALUES are plain
+    allocations (small blocks come from malloc's heap)."""
 
-    def __init__(self, keep: int = 2):
+    def __init__(self, keep: int = 2, capacity: int = 0):
         self.keep = keep
+        # values of a fresh buffer at least: the run's largest delta, so that the buffers
+        # do not grow (each growth, fresh pages) while ever larger shapes come
+        self.capacity = capacity
         self._lock = threading.Lock()
         self._spare: list[torch.Tensor] = []
 
     def take(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """A tensor of ``shape`` for a new delta (its values are whatever the buffer held)."""
         numel = math.prod(shape)
+        if numel < POOLED_VALUES or len(shape) < 2:  # a 1-D delta is kept whole (.diff): no view of a buffer
+            return torch.empty(shape, dtype=torch.float32)
         with self._lock:
-            for index, tensor in enumerate(self._spare):
-                if tensor.numel() == numel:
-                    return self._spare.pop(index).view(shape)
+            fitting = [index for index, buffer in enumerate(self._spare) if buffer.numel() >= numel]
+            if fitting:
+                best = min(fitting, key=lambda index: self._spare[index].numel())
+                return self._spare.pop(best)[:numel].view(shape)
             self._spare.clear()
-        return torch.empty(shape, dtype=torch.float32)
+        return torch.empty(max(numel, self.capacity), dtype=torch.float32)[:numel].view(shape)
 
     def give(self, tensor: torch.Tensor) -> None:
-        """Hand back a delta nothing else refers to any more."""
+        """Hand back a delta from ``take`` that nothing else refers to any more."""
+        if tensor.numel() < POOLED_VALUES:
+            return
+        buffer = _flat_buffer(tensor)
         with self._lock:
-            self._spare.append(tensor.reshape(-1))
-            del self._spare[: -self.keep]
+            if any(spare.data_ptr() == buffer.data_ptr() for spare in self._spare):
+                raise ValueError("a delta was handed back twice")
+            self._spare.append(buffer)
+            self._spare.sort(key=torch.Tensor.numel)
+            del self._spare[: -self.keep]  # the largest fit the most requests
 
     def clear(self) -> None:
         with self._lock:
             self._spare.clear()
+
+
+def _flat_buffer(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole flat buffer that ``tensor`` (a view from SpareDeltas.take) is a view of."""
+    base = tensor._base if tensor._base is not None else tensor
+    if base.dim() != 1 or not base.is_contiguous() or base.data_ptr() != tensor.data_ptr():
+        return tensor.reshape(-1)
+    return base
 
 
 def read_deltas(
@@ -156,20 +187,33 @@ def read_deltas(
     deltas = [spare.take(shape) if spare is not None else torch.empty(shape, dtype=torch.float32) for _ in sources]
     variants = [_RowReader(source.view, key) for source in sources]
     base_rows = _RowReader(base_view, key, base, "base")
+    # Flat value ranges where every tensor can be read by value (cache-sized: a row chunk
+    # that aligns with ENERGY_CHUNK can hold 12 M values, and widening it then cost 1.5x);
+    # row ranges otherwise (an fp8 weight is dequantized row by row).
+    flat = len(shape) > 1 and all(reader.flat for reader in (base_rows, *variants))
     partials = []
-    for begin, end in row_chunks(shape):
-        base_chunk = _widened(base_rows.rows(begin, end), "base")
+    for begin, end in value_chunks(math.prod(shape)) if flat else row_chunks(shape):
+        base_chunk = _widened(base_rows.chunk(begin, end, flat), "base")
         for delta, variant in zip(deltas, variants):
-            target = delta[begin:end] if shape else delta
-            target.copy_(variant.rows(begin, end).reshape(target.shape))
+            target = delta.view(-1)[begin:end] if flat else delta[begin:end] if shape else delta
+            target.copy_(variant.chunk(begin, end, flat).reshape(target.shape))
             target.sub_(base_chunk.reshape(target.shape))
         if base is None:
-            flat = base_chunk.reshape(-1)
-            partials.extend(torch.dot(chunk, chunk) for chunk in flat.split(ENERGY_CHUNK))
+            flat_chunk = base_chunk.reshape(-1)
+            partials.extend(torch.dot(chunk, chunk) for chunk in flat_chunk.split(ENERGY_CHUNK))
+        del base_chunk  # a mapped window of the file: unmapped once its views are gone
     if base is not None:
         return base, [ReadDelta(delta) for delta in deltas]
     energy = float(to_float64(torch.stack(partials)).sum()) if partials else 0.0
     return ReadBase(energy, shape), [ReadDelta(delta) for delta in deltas]
+
+
+def value_chunks(numel: int) -> list[tuple[int, int]]:
+    """Flat value ranges covering ``numel`` values, each but the last ROW_CHUNK_VALUES long
+    rounded to whole ENERGY_CHUNKs (so that ||W||^2 adds the same partial sums as
+    svd.squared_norm)."""
+    step = ENERGY_CHUNK * max(1, ROW_CHUNK_VALUES // ENERGY_CHUNK)
+    return [(begin, min(begin + step, numel)) for begin in range(0, numel, step)] or [(0, 0)]
 
 
 class _RowReader:
@@ -190,6 +234,13 @@ class _RowReader:
         self.buffered = info is not None and info.dtype in _ROW_READABLE and ref.key not in view.scales
         self.width = math.prod(info.shape[1:]) if info is not None else 0
 
+    @property
+    def flat(self) -> bool:
+        """Whether ``values`` can read this tensor (contiguous and as stored, no dequantizing)."""
+        if self.whole is not None:
+            return self.whole.dim() > 0 and self.whole.is_contiguous()
+        return self.buffered and self.file.streamed
+
     def rows(self, begin: int, end: int) -> torch.Tensor:
         if self.whole is not None:
             return self.whole[begin:end] if self.whole.dim() else self.whole
@@ -198,10 +249,22 @@ class _RowReader:
             return self.file.get(self.key, rows)
         return self.file.get(self.key, rows, out=_buffer(self.dtype, self.role, (end - begin) * self.width))
 
+    def chunk(self, begin: int, end: int, flat: bool) -> torch.Tensor:
+        """Flat values ``begin:end`` (see ``flat``) or rows ``begin:end``."""
+        if not flat:
+            return self.rows(begin, end)
+        if self.whole is not None:
+            return self.whole.view(-1)[begin:end]
+        first = self.start * self.width
+        out = _buffer(self.dtype, self.role, end - begin)  # where the file cannot be mapped
+        return self.file.read_values(self.key, first + begin, first + end, out)
+
 
 def _widened(tensor: torch.Tensor, role: str) -> torch.Tensor:
-    """``tensor`` in fp32: as it is when it already is, else widened into a reused buffer."""
-    if tensor.dtype == torch.float32:
+    """``tensor`` in fp32, at an address aligned as torch's allocator aligns: as it is when
+    it already is, else widened or copied into a reused buffer (an fp32 window of a mapped
+    file lies at the file's offsets, and a dot product's rounding depends on alignment)."""
+    if tensor.dtype == torch.float32 and tensor.data_ptr() % ALLOCATOR_ALIGNMENT == 0:
         return tensor
     out = _buffer(torch.float32, role, tensor.numel())[: tensor.numel()].view(tensor.shape)
     return out.copy_(tensor)
