@@ -195,7 +195,7 @@ class TensorFile:
         size = _item_size(info.dtype)
         first = self._data_start + self._offsets[key][0] + begin * size
         count = (end - begin) * size
-        if self._maps and count:
+        if self._maps and count and first % size == 0:  # a value at an odd address: read it
             window = self._window_over(first, count, self._data_start + self._offsets[key][1], key)
             if window is not None:
                 start, mapped = window

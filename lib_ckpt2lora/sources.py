@@ -145,7 +145,7 @@ class SpareDeltas:
 
     def give(self, tensor: torch.Tensor) -> None:
         """Hand back a delta from ``take`` that nothing else refers to any more."""
-        if tensor.numel() < POOLED_VALUES:
+        if tensor.numel() < POOLED_VALUES or tensor.dim() < 2:  # not from the pool (take)
             return
         buffer = _flat_buffer(tensor)
         with self._lock:
