@@ -17,7 +17,7 @@ from .block_lora import factorize_parts, join_blocks
 from .options import ExtractOptions
 from .planning import Plan, Unit
 from .report import LayerRecord, record_for
-from .sources import base_energy, on_device
+from .sources import base_energy, known_energy, on_device
 from .svd import Factorization, squared_norm
 
 # The skip reason of a layer whose two variants share nothing (see combine.nothing_in_common).
@@ -72,9 +72,11 @@ def compute_step(
         _stack_rows([source.delta(item, base) for item, base in zip(items, bases)])
         for source, items in zip(plan.sources, source_parts)
     ]
+    # One pass per delta gives ||delta||^2 accurately, and NaN/Inf propagate into it (the
+    # reader's, when it formed the delta: the same sums).
+    known = [known_energy(items) for items in source_parts]
     del base_parts, source_parts
-    # One pass per delta gives ||delta||^2 accurately, and NaN/Inf propagate into it.
-    energies = [squared_norm(delta) for delta in deltas]
+    energies = [squared_norm(delta) if energy is None else energy for delta, energy in zip(deltas, known)]
     if not all(math.isfinite(energy) for energy in energies):
         report.skip("NaN or Inf in the delta", unit.key)
         report.warnings.append(f"{unit.key} holds NaN or Inf in the variant; it was left out.")

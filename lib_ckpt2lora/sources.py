@@ -37,9 +37,18 @@ class DeltaSource(Protocol):
 
 @dataclass
 class ReadDelta:
-    """A delta the reader thread already formed in fp32 (``read_deltas``)."""
+    """A delta the reader thread already formed in fp32 (``read_deltas``), with its
+    ||delta||^2 as svd.squared_norm computes it (summed while each chunk was in cache)."""
 
     tensor: torch.Tensor
+    energy: float | None = None
+
+
+def known_energy(items: list) -> float | None:
+    """||delta||^2 of a unit's delta when the reader computed it already (one part)."""
+    if len(items) == 1 and isinstance(items[0], ReadDelta):
+        return items[0].energy
+    return None
 
 
 @dataclass
@@ -89,9 +98,9 @@ MAX_CHUNK_VALUES = 1 << 25
 _ROW_READABLE = (torch.float32, torch.float16, torch.bfloat16)
 # torch's CPU allocator aligns every tensor to 64 bytes.
 ALLOCATOR_ALIGNMENT = 64
-# Deltas of at least this many values come from SpareDeltas' reused buffers (4 MB: below
+# Deltas of at least this many values come from SpareDeltas' reused buffers (256 KB: below
 # that, malloc serves them from its heap without fresh pages).
-POOLED_VALUES = 1 << 20
+POOLED_VALUES = 1 << 16
 # The reader thread's row buffers, reused from unit to unit (per thread: a batch or a
 # checkpoint run has its own reader).
 _buffers = threading.local()
@@ -191,21 +200,26 @@ def read_deltas(
     # that aligns with ENERGY_CHUNK can hold 12 M values, and widening it then cost 1.5x);
     # row ranges otherwise (an fp8 weight is dequantized row by row).
     flat = len(shape) > 1 and all(reader.flat for reader in (base_rows, *variants))
-    partials = []
+    partials, delta_partials = [], [[] for _ in deltas]
     for begin, end in value_chunks(math.prod(shape)) if flat else row_chunks(shape):
         base_chunk = _widened(base_rows.chunk(begin, end, flat), "base")
-        for delta, variant in zip(deltas, variants):
+        for delta, variant, sums in zip(deltas, variants, delta_partials):
             target = delta.view(-1)[begin:end] if flat else delta[begin:end] if shape else delta
             target.copy_(variant.chunk(begin, end, flat).reshape(target.shape))
             target.sub_(base_chunk.reshape(target.shape))
+            # chunks start at whole ENERGY_CHUNKs: squared_norm's very partial sums
+            sums.extend(torch.dot(chunk, chunk) for chunk in target.reshape(-1).split(ENERGY_CHUNK))
         if base is None:
             flat_chunk = base_chunk.reshape(-1)
             partials.extend(torch.dot(chunk, chunk) for chunk in flat_chunk.split(ENERGY_CHUNK))
         del base_chunk  # a mapped window of the file: unmapped once its views are gone
-    if base is not None:
-        return base, [ReadDelta(delta) for delta in deltas]
-    energy = float(to_float64(torch.stack(partials)).sum()) if partials else 0.0
-    return ReadBase(energy, shape), [ReadDelta(delta) for delta in deltas]
+    read = [ReadDelta(delta, _summed(sums)) for delta, sums in zip(deltas, delta_partials)]
+    return (base if base is not None else ReadBase(_summed(partials), shape)), read
+
+
+def _summed(partials: list[torch.Tensor]) -> float:
+    """The float64 sum of fp32 partial sums, as svd.squared_norm adds them."""
+    return float(to_float64(torch.stack(partials)).sum()) if partials else 0.0
 
 
 def value_chunks(numel: int) -> list[tuple[int, int]]:
