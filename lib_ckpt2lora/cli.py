@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None, stop: threading.Event | None = None) -> 
     if args.list_layers:
         code = _list_layers(args)
         return _interrupted() if stop.is_set() else code
-    _return_freed_memory_to_the_system()
+    _return_freed_memory_to_the_system(args.checkpoint or args.checkpoint_full)
     running = threading.Event()
     _install_signal_handlers(stop, running)
     results: list = []
@@ -314,11 +314,18 @@ def _list_layers(args: argparse.Namespace) -> int:
     return 0
 
 
-def _return_freed_memory_to_the_system() -> None:
+def _return_freed_memory_to_the_system(checkpoint: bool = True) -> None:
     """Make glibc serve every block of 1 MiB or more by mmap, so a freed tensor goes back to
     the system at once. By default glibc raises that threshold as large blocks are freed
-    and then keeps them in its heap: a streaming run would look as big as the model."""
-    if not sys.platform.startswith("linux"):
+    and then keeps them in its heap: a streaming run would look as big as the model.
+
+    Only for a checkpoint output (its whole tensors; 1-block Z-Image --checkpoint: 1.59 GB
+    peak, 1.67 GB with glibc's policy). A LoRA run keeps glibc's policy, as in the WebUI:
+    its large deltas are reused (sources.SpareDeltas), and every scratch block of the SVD
+    mapped afresh faulted on each page (1-block Z-Image: 545 k faults and 1.6 CPU s in the
+    kernel, 217 k and 0.8 s with glibc's policy; SD1.5: 2.4 s against 0.8 s;
+    benchmarks/README.md, issue 18)."""
+    if not checkpoint or not sys.platform.startswith("linux"):
         return
     try:
         import ctypes
