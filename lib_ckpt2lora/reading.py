@@ -1,8 +1,7 @@
 """Reading model and LoRA files lazily, one tensor at a time.
 
-safetensors files are read a tensor at a time with plain positioned reads (the CPU
-delta path maps one small window of the file at a time instead: TensorFile.read_values),
-so a 12 GB model costs only the tensor being read; their header is parsed and checked here first so that a damaged file ends
+safetensors files are read a tensor at a time with plain positioned reads, so a 12 GB
+model costs only the tensor being read; their header is parsed and checked here first so that a damaged file ends
 in one clear sentence rather than a panic from deep inside a library. ``.ckpt``/``.pt``
 files are read with ``torch.load(weights_only=True)`` only: a pickle can run code, and a
 weights-only load refuses anything but tensors and plain containers.
@@ -12,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
 import os
 import re
 import struct
@@ -27,11 +25,6 @@ from .errors import UserError
 
 # Header sizes of real checkpoints are a few MB at most; more means a damaged file.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-# TensorFile.read_values maps the file window by window (off: plain reads only); a window
-# spans at most this many bytes of one tensor (16 MB: a 2 MB window cost 0.1 CPU s more per
-# 1.7 GB in mapping calls and faults, a 64 MB one no less than 16).
-MAP_READS = True
-MAP_WINDOW_BYTES = 8 << 20
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -82,8 +75,6 @@ class TensorFile:
         self._lock = threading.Lock()
         self._offsets: dict[str, tuple[int, int]] = {}
         self._data_start = 0
-        self._maps = MAP_READS  # until a window fails to map: plain reads from then on
-        self._window: tuple[int, torch.Tensor] | None = None  # read_values' mapped window
         self._state_dict: dict[str, torch.Tensor] | None = None
         _check_is_readable_file(self.path, role)
         if self.path.suffix.lower() in PICKLE_SUFFIXES and not _looks_like_safetensors(self.path):
@@ -159,20 +150,7 @@ class TensorFile:
             row_bytes = (end - begin) // shape[0] if shape[0] else 0
             begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
             shape[0] = rows[1] - rows[0]
-        if out is not None and out.dtype == info.dtype and out.is_contiguous() and out.numel() >= math.prod(shape):
-            tensor = out.reshape(-1)[: math.prod(shape)].view(shape)
-        else:
-            tensor = torch.empty(shape, dtype=info.dtype)
-        if end == begin:
-            return tensor
-        buffer = memoryview(tensor.view(-1).view(torch.uint8).numpy())
-        try:
-            got = self._read_into(buffer, self._data_start + begin)
-        except OSError as exc:
-            raise UserError(f"Could not read tensor {key} from {self.path} ({exc.strerror or exc}).") from None
-        if got != end - begin:
-            raise UserError(f"The {self.role} file {self.path} is truncated at tensor {key}; download it again.")
-        return tensor
+        return self._read(key, info.dtype, shape, self._data_start + begin, end - begin, out)
 
     @property
     def streamed(self) -> bool:
@@ -182,60 +160,34 @@ class TensorFile:
 
     def read_values(self, key: str, begin: int, end: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Values ``begin:end`` of stored tensor ``key`` (row-major, flat), as stored, from a
-        streamed file; called in order through a tensor (the reader thread's row chunks).
+        streamed file; ``out`` as in get_stored. The reader's chunks are then cache-sized
+        whatever the row width.
 
-        From a window of the file mapped where the platform maps it: the values are widened
-        straight from the page cache, where a read first copies them into ``out`` (a 1.7 GB
-        file: 0.17 CPU s instead of 0.37, benchmarks/README.md). A window spans at most
-        MAP_WINDOW_BYTES of one tensor and is unmapped once the reader has moved past it and
-        dropped its views, so mapped pages never add up in RSS (Windows counts them to the
-        process) and no map holds the file after the run (Windows cannot replace a mapped
-        file). Otherwise, and after any window failed to map, a plain read into ``out``."""
+        Plain reads, not mapped windows of the file: in a whole run the windows saved 0.05-0.1
+        of the reader's 1.3-2 CPU s on 1-block Z-Image, nothing on SD1.5, and added 10-20 MB
+        of peak RSS (benchmarks/bench_mapped_reads.py, benchmarks/README.md)."""
         info = self.infos.get(key) or self.scale_infos[key]
         size = _item_size(info.dtype)
         first = self._data_start + self._offsets[key][0] + begin * size
-        count = (end - begin) * size
-        if self._maps and count and first % size == 0:  # a value at an odd address: read it
-            window = self._window_over(first, count, self._data_start + self._offsets[key][1], key)
-            if window is not None:
-                start, mapped = window
-                return mapped[first - start : first - start + count].view(info.dtype)
-        if out is not None and out.dtype == info.dtype and out.is_contiguous() and out.numel() >= end - begin:
-            tensor = out.reshape(-1)[: end - begin]
+        return self._read(key, info.dtype, [end - begin], first, (end - begin) * size, out)
+
+    def _read(self, key: str, dtype: torch.dtype, shape: list[int], first: int, count: int, out) -> torch.Tensor:
+        """``count`` bytes from file offset ``first`` as a tensor of ``shape``: a view of
+        ``out`` when it has room, else a fresh tensor."""
+        if out is not None and out.dtype == dtype and out.is_contiguous() and out.numel() >= math.prod(shape):
+            tensor = out.reshape(-1)[: math.prod(shape)].view(shape)
         else:
-            tensor = torch.empty(end - begin, dtype=info.dtype)
+            tensor = torch.empty(shape, dtype=dtype)
         if not count:
             return tensor
+        buffer = memoryview(tensor.view(-1).view(torch.uint8).numpy())
         try:
-            got = self._read_into(memoryview(tensor.view(torch.uint8).numpy()), first)
+            got = self._read_into(buffer, first)
         except OSError as exc:
             raise UserError(f"Could not read tensor {key} from {self.path} ({exc.strerror or exc}).") from None
         if got != count:
             raise UserError(f"The {self.role} file {self.path} is truncated at tensor {key}; download it again.")
         return tensor
-
-    def _window_over(self, first: int, count: int, limit: int, key: str) -> tuple[int, torch.Tensor] | None:
-        """(file offset, uint8 tensor) of a mapped window holding bytes ``first:first + count``:
-        the current one if it does, else a new one of up to MAP_WINDOW_BYTES, not past
-        ``limit`` (the tensor's end). Private and read-only (copy-on-write, never written: no
-        copy, no warning about a read-only buffer). None where the file cannot be mapped."""
-        window = self._window
-        if window is not None and window[0] <= first and first + count <= window[0] + window[1].numel():
-            return window
-        self._window = None  # unmapped once the caller drops its views of it
-        start = first - first % mmap.ALLOCATIONGRANULARITY
-        stop = min(limit, max(first + count, start + MAP_WINDOW_BYTES))
-        try:
-            # A file cut short since its header was checked would fault (SIGBUS) past its end.
-            if os.fstat(self._handle.fileno()).st_size < stop:
-                raise UserError(f"The {self.role} file {self.path} is truncated at tensor {key}; download it again.")
-            mapped = mmap.mmap(self._handle.fileno(), stop - start, access=mmap.ACCESS_COPY, offset=start)
-        except (OSError, ValueError, OverflowError):
-            self._maps = False
-            return None
-        # the tensor holds the map: it is unmapped when the last view of it is dropped
-        self._window = (start, torch.frombuffer(mapped, dtype=torch.uint8))
-        return self._window
 
     def _read_into(self, buffer: memoryview, offset: int) -> int:
         """Fill ``buffer`` from ``offset``; the byte count read (less only at the end of the file).
@@ -247,7 +199,6 @@ class TensorFile:
             return read_into(self._handle, buffer)
 
     def close(self) -> None:
-        self._window = None
         if self._handle is not None:
             self._handle.close()
         self._handle = None

@@ -212,7 +212,6 @@ def read_deltas(
         if base is None:
             flat_chunk = base_chunk.reshape(-1)
             partials.extend(torch.dot(chunk, chunk) for chunk in flat_chunk.split(ENERGY_CHUNK))
-        del base_chunk  # a mapped window of the file: unmapped once its views are gone
     read = [ReadDelta(delta, _summed(sums)) for delta, sums in zip(deltas, delta_partials)]
     return (base if base is not None else ReadBase(_summed(partials), shape)), read
 
@@ -270,14 +269,14 @@ class _RowReader:
         if self.whole is not None:
             return self.whole.view(-1)[begin:end]
         first = self.start * self.width
-        out = _buffer(self.dtype, self.role, end - begin)  # where the file cannot be mapped
+        out = _buffer(self.dtype, self.role, end - begin)
         return self.file.read_values(self.key, first + begin, first + end, out)
 
 
 def _widened(tensor: torch.Tensor, role: str) -> torch.Tensor:
     """``tensor`` in fp32, at an address aligned as torch's allocator aligns: as it is when
-    it already is, else widened or copied into a reused buffer (an fp32 window of a mapped
-    file lies at the file's offsets, and a dot product's rounding depends on alignment)."""
+    it already is, else widened or copied into a reused buffer (||W||^2 must add the same
+    partial sums as svd.squared_norm, and a dot product's rounding depends on alignment)."""
     if tensor.dtype == torch.float32 and tensor.data_ptr() % ALLOCATOR_ALIGNMENT == 0:
         return tensor
     out = _buffer(torch.float32, role, tensor.numel())[: tensor.numel()].view(tensor.shape)

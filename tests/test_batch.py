@@ -68,8 +68,8 @@ def single_runs(pairs, names, folder: Path, **settings) -> dict:
 
 @pytest.fixture
 def count_reads(monkeypatch) -> Counter:
-    """Every tensor read, as (file name, key) -> times read (a read of a row range counts
-    as its share of the rows: the CPU reader reads big tensors in row chunks)."""
+    """Every tensor read, as (file name, key) -> times read (a read of a row or value range
+    counts as its share: the CPU reader reads big tensors in chunks)."""
     reads: Counter = Counter()
     original = TensorFile.get
 
@@ -78,7 +78,15 @@ def count_reads(monkeypatch) -> Counter:
         reads[(self.path.name, key)] += Fraction(rows[1] - rows[0], shape[0]) if rows else 1
         return original(self, key, rows, **kwargs)
 
+    original_values = TensorFile.read_values
+
+    def counted_values(self, key, begin, end, out=None):  # the CPU reader's flat chunks
+        info = self.infos.get(key) or self.scale_infos[key]
+        reads[(self.path.name, key)] += Fraction(end - begin, info.numel)
+        return original_values(self, key, begin, end, out)
+
     monkeypatch.setattr(TensorFile, "get", counted)
+    monkeypatch.setattr(TensorFile, "read_values", counted_values)
     return reads
 
 
