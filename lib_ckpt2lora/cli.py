@@ -322,8 +322,8 @@ def _return_freed_memory_to_the_system(checkpoint: bool = True) -> None:
     Only for a checkpoint output (its whole tensors; 1-block Z-Image --checkpoint: 1.59 GB
     peak, 1.67 GB with glibc's policy). A LoRA run keeps glibc's policy, as in the WebUI:
     its large deltas are reused (sources.SpareDeltas), and every scratch block of the SVD
-    mapped afresh faulted on each page (1-block Z-Image: 545 k faults and 1.6 CPU s in the
-    kernel, 217 k and 0.8 s with glibc's policy; SD1.5: 2.4 s against 0.8 s;
+    mapped afresh faulted on each page (1-block Z-Image: 493 k page faults against 185 k
+    with glibc's policy, SD1.5 962 k against 187 k, ~2 us each; peak RSS +10-20 MB;
     benchmarks/README.md, issue 18)."""
     if not checkpoint or not sys.platform.startswith("linux"):
         return
