@@ -21,6 +21,7 @@ import contextlib
 import math
 import statistics
 import sys
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,9 +98,7 @@ class Runner:
         # CPU runs of checkpoints: the reader forms the deltas (read_deltas); the GPU path and
         # LoRA variants read tensors and form the delta on the compute device
         self.reads_deltas = device.type == "cpu" and all(type(source) is CheckpointSource for source in plan.sources)
-        # deltas handed back by ``recycle``: buffers as large as the largest part
-        largest = max((math.prod(shape) for unit in plan.units for shape in _part_shapes(plan, unit)), default=0)
-        self.spare = SpareDeltas(capacity=largest)
+        self.spare = SpareDeltas(capacity=_largest_repeated_part(plan))  # deltas handed back by ``recycle``
 
     def load(self, unit: Unit, bases: list[torch.Tensor] | None = None):
         """Read the base and variant tensors of a unit (runs in the reader thread).
@@ -273,8 +272,11 @@ def write_lora_outputs(plan: Plan, opts: ExtractOptions, main, detail) -> list[P
     return [path for path, _, _ in pending]
 
 
-def _part_shapes(plan: Plan, unit: Unit) -> list[tuple[int, ...]]:
-    return [tuple(plan.base.shapes[part]) for part in unit.parts]
+def _largest_repeated_part(plan: Plan) -> int:
+    """Values of the largest part shape that more than one part has (a block's weights),
+    else of the largest part: the size of SpareDeltas' buffers."""
+    sizes = Counter(math.prod(plan.base.shapes[part]) for unit in plan.units for part in unit.parts)
+    return max((size for size, count in sizes.items() if count > 1), default=max(sizes, default=0))
 
 
 def _log_to_stderr(message: str) -> None:

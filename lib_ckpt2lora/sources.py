@@ -133,8 +133,10 @@ class SpareDeltas:
 
     def __init__(self, keep: int = 2, capacity: int = 0):
         self.keep = keep
-        # values of a fresh buffer at least: the run's largest delta, so that the buffers
-        # do not grow (each growth, fresh pages) while ever larger shapes come
+        # values of a fresh buffer at least, so that the buffers do not grow (each growth,
+        # fresh pages) while ever larger shapes come: the run's largest repeated delta. A
+        # larger buffer (a one-off tensor: Wan's time_projection, 4x a block's largest) is
+        # not kept, or its pages would stay resident for the rest of the run.
         self.capacity = capacity
         self._lock = threading.Lock()
         self._spare: list[torch.Tensor] = []
@@ -157,6 +159,8 @@ class SpareDeltas:
         if tensor.numel() < POOLED_VALUES or tensor.dim() < 2:  # not from the pool (take)
             return
         buffer = _flat_buffer(tensor)
+        if self.capacity and buffer.numel() > self.capacity:
+            return
         with self._lock:
             if any(spare.data_ptr() == buffer.data_ptr() for spare in self._spare):
                 raise ValueError("a delta was handed back twice")

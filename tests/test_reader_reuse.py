@@ -59,6 +59,15 @@ def test_a_spare_too_small_is_let_go_and_the_largest_are_kept():
     assert spare._spare == [] and storage_of(bigger) != storage_of(small)
 
 
+def test_a_buffer_above_the_capacity_is_not_kept():
+    """A one-off tensor larger than every repeated one: its buffer goes once it is done."""
+    spare = sources.SpareDeltas(capacity=2 * BIG)
+    outlier, block = spare.take((BIG, 5)), spare.take((BIG, 2))
+    spare.give(outlier)
+    spare.give(block)
+    assert [buffer.numel() for buffer in spare._spare] == [2 * BIG]
+
+
 def test_small_and_one_dimensional_deltas_are_plain_tensors():
     spare = sources.SpareDeltas(capacity=4 * BIG)
     for shape in ((BIG - 1, 1), (2 * BIG,)):  # a 1-D delta is kept whole (.diff)
