@@ -136,13 +136,13 @@ def bf16_delta(rows, cols, seed, decay, noise):
 def power_iterations_run(monkeypatch) -> list:
     """Krylov blocks counted (the kept energy is measured once per block): the first is
     the sketch's, each further one is an iteration."""
-    calls, real = [], svd._kept_energy
+    calls, real = [], svd._ritz_energies
 
     def kept_energy(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(svd, "_kept_energy", kept_energy)
+    monkeypatch.setattr(svd, "_ritz_energies", kept_energy)
     return calls
 
 
