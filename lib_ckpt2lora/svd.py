@@ -298,35 +298,8 @@ def _product(matrix: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     return (matrix @ columns.to(matrix.dtype)).float()
 
 
-def _orthonormal(columns: torch.Tensor) -> torch.Tensor:
-    return _thin_qr(columns)[0]
-
-
-# Cholesky QR's factor must be this well conditioned (smallest over largest diagonal entry,
-# a lower bound of 1 / cond): its first pass loses cond^2 * eps of orthogonality (~0.06 at
-# 1e3 in fp32), which the second pass removes; worse blocks take Householder's QR.
-CHOLESKY_QR_CONDITION = 1e-3
-
-
-def _thin_qr(columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q, R of a tall block: Cholesky QR twice (CholeskyQR2: Q = X R^-1 with R from the
-    Cholesky factor of X^T X; a Gram product and a triangular solve per pass, 5-10x less
-    CPU than Householder's QR on the [1280-10240, 48-64] blocks here), or Householder's QR
-    where the block is too ill-conditioned for it (an exhausted Krylov space, an exactly
-    low-rank delta). Off the CPU, Householder's: on CUDA its products run in TF32, whose
-    ~1e-3 would stay in the Gram matrices, and the GPU's QR is fast anyway."""
-    if columns.device.type != "cpu" or "cpu" in devices.NO_DECOMPOSITIONS:
-        return on_supporting_device(torch.linalg.qr, columns)
-    q, r = columns, None
-    for _ in range(2):
-        factor, info = torch.linalg.cholesky_ex(to_float64(q.T @ q))
-        diagonal = factor.diagonal()
-        if int(info) != 0 or not bool(diagonal.min() > CHOLESKY_QR_CONDITION * diagonal.max()):
-            return on_supporting_device(torch.linalg.qr, columns)
-        upper = factor.T.to(q.device, q.dtype)
-        q = torch.linalg.solve_triangular(upper, q, upper=True, left=False)
-        r = upper if r is None else upper @ r
-    return q, r
+def _orthonormal(columns: torch.Tensor, passes: int = 2) -> torch.Tensor:
+    return _thin_qr(columns, passes)[0]
 
 
 def _next_block(columns: torch.Tensor, basis_t: torch.Tensor) -> torch.Tensor:
@@ -334,10 +307,40 @@ def _next_block(columns: torch.Tensor, basis_t: torch.Tensor) -> torch.Tensor:
     projected out: project, normalise, twice. Normalising before the second projection
     matters when the space is nearly exhausted (an exactly low-rank delta): the first
     projection leaves only round-off, whose own components along the earlier blocks are
-    then removed too."""
+    then removed too. One Cholesky QR pass each: the second one's input is orthonormal to
+    its first pass's rounding, which it removes."""
     for _ in range(2):
-        columns = _orthonormal(columns - basis_t.T @ (basis_t @ columns))
+        columns = _orthonormal(columns - basis_t.T @ (basis_t @ columns), passes=1)
     return columns
+
+
+# Cholesky QR's factor must be this well conditioned (smallest over largest diagonal entry,
+# a lower bound of 1 / cond): a pass leaves cond^2 * eps of orthogonality (~0.06 at 1e3 in
+# fp32), which a second pass removes; worse blocks take Householder's QR.
+CHOLESKY_QR_CONDITION = 1e-3
+
+
+def _thin_qr(columns: torch.Tensor, passes: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q, R of a tall block: Cholesky QR (Q = X R^-1 with R from the Cholesky factor of
+    X^T X: a Gram product and a product with a small inverse per pass, 5-10x less CPU than
+    Householder's QR on the [1280-10240, 48-64] blocks here), twice by default
+    (CholeskyQR2), or Householder's QR where the block is too ill-conditioned for it (an
+    exhausted Krylov space, an exactly low-rank delta). Off the CPU, Householder's: on CUDA
+    the products run in TF32, whose ~1e-3 would stay in the Gram matrices, and the GPU's QR
+    is fast anyway."""
+    if columns.device.type != "cpu" or "cpu" in devices.NO_DECOMPOSITIONS:
+        return on_supporting_device(torch.linalg.qr, columns)
+    q, r = columns, None
+    for _ in range(passes):
+        factor, info = torch.linalg.cholesky_ex(to_float64(q.T @ q))  # X^T X = L L^T, R = L^T
+        diagonal = factor.diagonal()
+        if int(info) != 0 or not bool(diagonal.min() > CHOLESKY_QR_CONDITION * diagonal.max()):
+            return torch.linalg.qr(columns)
+        identity = torch.eye(len(factor), dtype=factor.dtype)
+        inverse = torch.linalg.solve_triangular(factor, identity, upper=False).T  # R^-1
+        q = q @ inverse.to(q.dtype)
+        r = factor.T if r is None else factor.T @ r
+    return q, r.to(columns.dtype)
 
 
 def _converged(history: list[torch.Tensor], needed: int, tolerance: float) -> bool:
