@@ -252,15 +252,15 @@ def randomized_svd(
     # Z^T Z, grown block by block, on the CPU: float64, or float32 after bf16 products (it
     # only ranks the Ritz vectors then; its solves cost half as much)
     gram = torch.zeros(capacity, capacity, dtype=torch.float32 if reduced else torch.float64)
-    sketch = torch.randn(long, block, device=a.device, generator=generator)
-    used = _add_block(a, _orthonormal(_product(a, sketch)), basis_t, projection_t, gram, 0)
+    sketch_t = torch.randn(block, long, device=a.device, generator=generator)
+    used = _add_block(a, _orthonormal(_product(a, sketch_t)), basis_t, projection_t, gram, 0)
     if threshold is not None and total_energy is None:
         total_energy = squared_norm(exact_a)
     history = [_ritz_energies(gram[:used, :used])]  # the squared Ritz values after each block
     for iteration in range(1, max_iterations + 1):
         if used + block > short:
             break  # the space would exceed the delta's rank bound (its smaller side)
-        columns = _product(a, projection_t[used - block : used].T)
+        columns = _product(a, projection_t[used - block : used])
         used = _add_block(a, _next_block(columns, basis_t[:used]), basis_t, projection_t, gram, used)
         history.append(_ritz_energies(gram[:used, :used]))
         # The energy rule's rank on the Ritz values so far (lower bounds: never below the
@@ -285,17 +285,32 @@ def _add_block(a, new, basis_t, projection_t, gram, used) -> int:
     row and column (fp32 products). Returns the columns now used."""
     end = used + new.shape[1]
     basis_t[used:end] = new.T
-    projection_t[used:end] = _product(a.T, new).T
+    _transposed_product(a, new, out=projection_t[used:end])
     cross = (projection_t[:end] @ projection_t[used:end].T).cpu()  # cast to the Gram's dtype on assignment
     gram[:end, used:end] = cross
     gram[used:end, :end] = cross.T
     return end
 
 
-def _product(matrix: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """matrix @ columns in the matrix's dtype (a bf16 copy of the delta halves the cost
-    where the CPU multiplies bf16 natively), the result in fp32."""
-    return (matrix @ columns.to(matrix.dtype)).float()
+# Products in the matrix's dtype (a bf16 copy of the delta halves the cost where the CPU
+# multiplies bf16 natively), results in fp32. Each is written with the delta in the
+# operand position its memory layout suits (A row-major on the left, A^T row-major on the
+# right): the other form of the same product measured 10-25% slower.
+
+
+def _product(a: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """A X for A = ``a`` [short, long] and X^T = ``rows`` [b, long]: [short, b]."""
+    if a.is_contiguous():
+        return (a @ rows.T.to(a.dtype)).float()
+    return (rows.to(a.dtype) @ a.T).T.float()
+
+
+def _transposed_product(a: torch.Tensor, columns: torch.Tensor, out: torch.Tensor) -> None:
+    """(A^T Q)^T = Q^T A for Q = ``columns`` [short, b], into ``out`` [b, long]."""
+    if a.is_contiguous():
+        out.copy_(columns.T.to(a.dtype) @ a)
+    else:
+        out.copy_((a.T @ columns.to(a.dtype)).T)
 
 
 def _orthonormal(columns: torch.Tensor, passes: int = 2) -> torch.Tensor:
