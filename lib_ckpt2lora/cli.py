@@ -315,19 +315,19 @@ def _list_layers(args: argparse.Namespace) -> int:
 
 
 def _return_freed_memory_to_the_system() -> None:
-    """Make glibc serve every block of 32 MiB or more by mmap, so a freed delta or model-sized
-    buffer goes back to the system at once. By default glibc raises that threshold as large
-    blocks are freed and then keeps them in its heap: a streaming run would look as big as
-    the model. Smaller blocks (a layer's temporaries: Krylov blocks, factors) stay in the heap
-    and are reused from layer to layer: at a 1 MiB threshold each was mapped afresh and
-    faulted in again (Z-Image 1 block: 400 k page faults in the SVD step, ~0.9 CPU s; 32 MiB:
-    70 k, for ~45 MB more peak RSS)."""
+    """Make glibc serve every block of 4 MiB or more by mmap, so a freed tensor goes back to
+    the system at once. By default glibc raises that threshold as large blocks are freed
+    and then keeps them in its heap: a streaming run would look as big as the model.
+    Smaller blocks (a layer's temporaries) stay in the heap and are reused from layer to
+    layer: at 1 MiB each was mapped afresh and faulted in again (Z-Image 1 block: 400 k
+    page faults in the SVD step, ~0.9 CPU s; 4 MiB, with svd's reused Krylov buffers: 105 k).
+    """
     if not sys.platform.startswith("linux"):
         return
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+        ctypes.CDLL("libc.so.6").mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass  # not glibc: its allocator has its own policy
 

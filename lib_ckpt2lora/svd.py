@@ -247,8 +247,8 @@ def randomized_svd(
     capacity = max(1, min(max_iterations + 1, short // block)) * block
     # Q^T and Z^T, one block of rows each, preallocated (no concatenation; a block's rows
     # are contiguous, so only the blocks used are ever touched).
-    basis_t = exact_a.new_empty(capacity, short, dtype=torch.float32)
-    projection_t = exact_a.new_empty(capacity, long, dtype=torch.float32)
+    basis_t = _scratch_rows("basis", capacity, short, exact_a.device)
+    projection_t = _scratch_rows("projection", capacity, long, exact_a.device)
     # Z^T Z, grown block by block, on the CPU: float64, or float32 after bf16 products (it
     # only ranks the Ritz vectors then; its solves cost half as much)
     gram = torch.zeros(capacity, capacity, dtype=torch.float32 if reduced else torch.float64)
@@ -273,7 +273,7 @@ def randomized_svd(
     if reduced:
         if total_energy is None:
             total_energy = squared_norm(exact_a)
-        if total_energy - float((to_float64(s) ** 2).sum()) < REFINE_RESIDUAL * total_energy:
+        if _exactly_low_rank(s, total_energy):
             u, s, vh = _refined(exact_a, vh)
     if transposed:
         return vh.T, s, u.T
@@ -418,11 +418,21 @@ def _projected_svd(left: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, t
     return left @ u_small, s, w_t @ p.T
 
 
-# bf16 path: where the factors would keep more than 1 - REFINE_RESIDUAL of the energy,
-# bf16's ~1e-6 of the energy is more than 1e-3 of what they miss (an exactly low-rank
-# delta: a LoRA given as the variant, a merge, must come out exact), so ``_refined``
-# recomputes them with fp32 products.
+# bf16 path: an exactly low-rank delta (a LoRA given as the variant, a merge) must come out
+# exact, which bf16's rounding (~1e-4 of the energy in the values, ~1e-3 on a 96 x 96
+# layer) would spoil; ``_refined`` recomputes such a delta's factors with fp32 products.
+# It is recognised by the factors keeping more than 1 - REFINE_RESIDUAL of the energy, or
+# by a cliff in the values found: one below REFINE_CLIFF times the one before it (where the
+# exact rank ends, bf16's rounding stands in for zeros; a realistic delta's values fall
+# smoothly, by less than 2x from one to the next).
 REFINE_RESIDUAL = 1e-3
+REFINE_CLIFF = 1e-2
+
+
+def _exactly_low_rank(values: torch.Tensor, total_energy: float) -> bool:
+    if total_energy - float((to_float64(values) ** 2).sum()) < REFINE_RESIDUAL * total_energy:
+        return True
+    return bool((values[1:] < REFINE_CLIFF * values[:-1]).any())
 
 
 def _refined(exact_a: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -439,10 +449,25 @@ _scratch = threading.local()
 
 
 def release_scratch() -> None:
-    """Free this thread's bf16 buffer (the largest layer's size: 78 MB for a [10240, 3840]
-    layer). A CLI run ends with its process; a long-lived worker thread (WebUI, ComfyUI)
-    keeps it for the next run unless its caller releases it after one."""
-    _scratch.bf16 = None
+    """Free this thread's buffers (the bf16 copy, the largest layer's size: 78 MB for a
+    [10240, 3840] layer; the Krylov basis and Z^T, a few MB). A CLI run ends with its
+    process; a long-lived worker thread (WebUI, ComfyUI) keeps them for the next run unless
+    its caller releases them after one."""
+    _scratch.bf16 = _scratch.basis = _scratch.projection = None
+
+
+def _scratch_rows(name: str, rows: int, cols: int, device: torch.device) -> torch.Tensor:
+    """An fp32 [rows, cols] view of this thread's buffer ``name`` (CPU), grown as needed and
+    reused across layers: the Krylov basis and Z^T, freshly allocated, faulted their pages
+    in again at every layer (a few thousand page faults a layer). Its contents are
+    garbage; the caller writes rows before reading them."""
+    if device.type != "cpu":
+        return torch.empty(rows, cols, device=device)
+    buffer = getattr(_scratch, name, None)
+    if buffer is None or buffer.numel() < rows * cols:
+        buffer = torch.empty(rows * cols)
+        setattr(_scratch, name, buffer)
+    return buffer[: rows * cols].view(rows, cols)
 
 
 def _bf16_copy(matrix: torch.Tensor) -> torch.Tensor:
