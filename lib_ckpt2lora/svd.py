@@ -400,11 +400,11 @@ def _ritz_triplets(basis_t, projection_t, gram, k, rounded):
         basis = basis_t.T.bfloat16().float()
         factor = torch.linalg.cholesky(to_float64(basis.T @ basis))  # lower: C = factor^T
         inverse = torch.linalg.solve_triangular(factor.T, torch.eye(len(factor), dtype=factor.dtype), upper=True)
-        gram = inverse.T @ to_float64(gram) @ inverse
+        gram = (inverse.T @ to_float64(gram) @ inverse).float()  # fp32 ranks Ritz vectors (half the cost)
     _, vectors = torch.linalg.eigh(gram)
     leading = vectors.flip(1)[:, :k]
     if rounded:
-        coefficients = (inverse @ leading).float()  # C^-1 W: B's and Z's columns that make L and Y
+        coefficients = (inverse @ leading.double()).float()  # C^-1 W: B's and Z's columns that make L and Y
         return _projected_svd(basis @ coefficients, projection_t.T @ coefficients)
     leading = leading.to(basis_t.device, torch.float32)
     return _projected_svd(basis_t.T @ leading, projection_t.T @ leading)
