@@ -10,23 +10,26 @@ iterations make them accurate enough that it equals it except on near-ties.
 The space searched is a block Krylov space (Musco & Musco 2015): every power iterate is
 kept, not only the last, at no extra pass over the delta (see ``randomized_svd``). It grows
 by one block (BLOCK_FRACTION of ``wanted`` + 16 columns: 48 for the default cap 64) per
-iteration until the energy of the leading ``keep`` Ritz values, sum(s[:keep]^2), grows by
-less than CONVERGED of itself, at least MIN and at most MAX_POWER_ITERATIONS. Narrower
-blocks and more of them reach the same accuracy with fewer products (a higher Krylov
-degree): measured on the Z-Image and SD1.5 pairs of benchmarks/make_pairs.py, layer by
-layer against the exact spectrum (benchmarks/bench_svd_layers.py, benchmarks/README.md),
-blocks of 48 at tolerance 1e-3 keep every layer at >= 0.9993 of the optimum (blocks of 80
-at 3e-3: 0.9996) with 10-13% less CPU time in the SVD step.
+iteration until the energy of the leading Ritz values has converged (``_converged``: it
+grew by less than CONVERGED of itself, or its last two growths extrapolate to less than
+half that), at least MIN and at most MAX_POWER_ITERATIONS. Under the energy rule only the
+values the rule keeps must converge (RANK_AWARE), not all of ``wanted``. Measured on the
+Z-Image and SD1.5 pairs of benchmarks/make_pairs.py, layer by layer against the exact
+spectrum (benchmarks/bench_svd_layers.py, benchmarks/README.md): every layer >= 0.9996
+of the optimum.
 
 On a CPU that multiplies bf16 natively (AVX512-BF16, AMX: 2-3x the fp32 speed here) the
-Krylov products use a bf16 copy of the delta (their results rounded to bf16): they only
-choose the subspace. The fp32 delta is then projected on it (one fp32 product, as many
-columns as triplets are asked for), so the values, the energies and the factors are those of the fp32 delta and the
-values are again lower bounds of the true ones. bf16 leaves ~1e-6 of the energy in the
-space's error; where the factors keep all but < 1e-3 of the energy (an exactly low-rank
-delta: a LoRA given as the variant, a merge) that would show, so one fp32 half power
-step (two more fp32 products) makes such a delta come out exact to fp32 precision.
-Elsewhere (CUDA: TF32 already; MPS; CPUs without fast bf16) every product is fp32.
+Krylov products use a bf16 copy of the delta, their results rounded to bf16, and the
+Rayleigh-Ritz step takes its values and factors from those products (``_ritz_triplets``)
+instead of one more fp32 pass over the delta, which cost as much as three bf16 products.
+The factors then capture what an fp32 projection's would, to ~1e-5 of the energy; the
+values (and the reported energy) carry the rounding, ~1e-4 either way, so they are no
+longer strict lower bounds and the rank may differ from the exact rule's on a near-tie.
+An exactly low-rank delta (a LoRA given as the variant, a merge) must come out exact:
+it is recognised (``_exactly_low_rank``) and one fp32 half power step (two fp32 passes)
+makes it so. Elsewhere (CUDA: TF32 already; MPS; CPUs without fast bf16) every product
+is fp32 and the values are lower bounds. Tall blocks are orthonormalised by Cholesky QR
+on the CPU (``_thin_qr``), Householder's QR where they are ill-conditioned.
 
 Small layers, where the randomized route would cost as much as an exact SVD, take the
 exact route: a full SVD, or, when the layer is at least twice as long as it is wide, the
@@ -231,9 +234,10 @@ def randomized_svd(
     of short blocks; the long side only meets matrix products (the Gram matrix Z^T Z).
 
     Iteration limits and tolerance default to the module's constants (read at call time).
-    ``total_energy``: ||matrix||_F^2 when the caller has it (the bf16 path's refinement
-    test needs it). ``triplets``: return only this many leading triplets (default k; at
-    least ``keep``): the Ritz step projects that many columns."""
+    ``total_energy``: ||matrix||_F^2 when the caller has it (the energy rule and the bf16
+    path's refinement test need it). ``triplets``: return only this many leading triplets
+    (default k; at least ``keep``). ``threshold``: the energy rule that will choose the
+    rank, whose kept values are then the ones that must converge."""
     keep = k if keep is None else keep
     min_iterations = MIN_POWER_ITERATIONS if min_iterations is None else min_iterations
     max_iterations = MAX_POWER_ITERATIONS if max_iterations is None else max_iterations
