@@ -126,11 +126,11 @@ def test_bf16_products_on_a_realistic_layer_need_no_refinement(monkeypatch):
     assert refined == []
 
 
-@pytest.mark.parametrize("shape", [(320, 2880), (2880, 320), (300, 640)])
+@pytest.mark.parametrize("shape", [(320, 2880), (2880, 320), (300, 640), (320, 400)])
 def test_exact_route_through_the_gram_matrix(monkeypatch, shape):
-    """Small layers at least twice as long as wide take the float64 Gram route: the
-    values, ranks, energies and factors of a full SVD (and an exactly low-rank delta
-    reproduced exactly); square small layers keep the full SVD."""
+    """Small layers (the randomized route would cost as much as an exact SVD) take the fp32
+    Gram route on the CPU, square ones too: the values, ranks, energies and factors of a
+    full SVD (and an exactly low-rank delta reproduced exactly)."""
     calls = []
     real = svd.leading_triplets_from_gram
     monkeypatch.setattr(svd, "leading_triplets_from_gram", lambda *a: calls.append(a[0].shape) or real(*a))
@@ -149,8 +149,8 @@ def test_exact_route_through_the_gram_matrix(monkeypatch, shape):
     fact = svd.factorize(low, fixed_rank=8)
     assert torch.allclose(fact.up @ fact.down, low, atol=1e-6)
     calls.clear()
-    svd.factorize(bf16_layer(320, 400, seed=1, decay=1.0, noise=0.3))
-    assert calls == []  # not twice as long as wide: the full SVD is as cheap
+    svd.factorize(bf16_layer(320, 400, seed=1, decay=1.0, noise=0.3), exact=True)
+    assert calls == []  # --svd exact: the full SVD, the reference
 
 
 def test_bf16_buffer_is_reused_and_released(monkeypatch):
