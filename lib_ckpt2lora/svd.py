@@ -10,27 +10,30 @@ iterations make them accurate enough that it equals it except on near-ties.
 The space searched is a block Krylov space (Musco & Musco 2015): every power iterate is
 kept, not only the last, at no extra pass over the delta (see ``randomized_svd``). It grows
 by one block (BLOCK_FRACTION of ``wanted`` + 16 columns: 48 for the default cap 64) per
-iteration until the energy of the leading ``keep`` Ritz values, sum(s[:keep]^2), grows by
-less than CONVERGED of itself, at least MIN and at most MAX_POWER_ITERATIONS. Narrower
-blocks and more of them reach the same accuracy with fewer products (a higher Krylov
-degree): measured on the Z-Image and SD1.5 pairs of benchmarks/make_pairs.py, layer by
-layer against the exact spectrum (benchmarks/bench_svd_layers.py, benchmarks/README.md),
-blocks of 48 at tolerance 1e-3 keep every layer at >= 0.9993 of the optimum (blocks of 80
-at 3e-3: 0.9996) with 10-13% less CPU time in the SVD step.
+iteration until the energy of the leading Ritz values has converged (``_converged``: it
+grew by less than CONVERGED of itself, or its last two growths extrapolate to less than
+half that), at least MIN and at most MAX_POWER_ITERATIONS. Under the energy rule only the
+values the rule keeps must converge (RANK_AWARE), not all of ``wanted``. Measured on the
+Z-Image and SD1.5 pairs of benchmarks/make_pairs.py, layer by layer against the exact
+spectrum (benchmarks/bench_svd_layers.py, benchmarks/README.md): every layer >= 0.9996
+of the optimum.
 
 On a CPU that multiplies bf16 natively (AVX512-BF16, AMX: 2-3x the fp32 speed here) the
-Krylov products use a bf16 copy of the delta (their results rounded to bf16): they only
-choose the subspace. The fp32 delta is then projected on it (one fp32 product, as many
-columns as triplets are asked for), so the values, the energies and the factors are those of the fp32 delta and the
-values are again lower bounds of the true ones. bf16 leaves ~1e-6 of the energy in the
-space's error; where the factors keep all but < 1e-3 of the energy (an exactly low-rank
-delta: a LoRA given as the variant, a merge) that would show, so one fp32 half power
-step (two more fp32 products) makes such a delta come out exact to fp32 precision.
-Elsewhere (CUDA: TF32 already; MPS; CPUs without fast bf16) every product is fp32.
+Krylov products use a bf16 copy of the delta, their results rounded to bf16, and the
+Rayleigh-Ritz step takes its values and factors from those products (``_ritz_triplets``)
+instead of one more fp32 pass over the delta, which cost as much as three bf16 products.
+The factors then capture what an fp32 projection's would, to ~1e-5 of the energy; the
+values (and the reported energy) carry the rounding, ~1e-4 either way, so they are no
+longer strict lower bounds and the rank may differ from the exact rule's on a near-tie.
+An exactly low-rank delta (a LoRA given as the variant, a merge) must come out exact:
+it is recognised (``_exactly_low_rank``) and one fp32 half power step (two fp32 passes)
+makes it so. Elsewhere (CUDA: TF32 already; MPS; CPUs without fast bf16) every product
+is fp32 and the values are lower bounds. Tall blocks are orthonormalised by Cholesky QR
+on the CPU (``_thin_qr``), Householder's QR where they are ill-conditioned.
 
 Small layers, where the randomized route would cost as much as an exact SVD, take the
-exact route: a full SVD, or, when the layer is at least twice as long as it is wide, the
-eigenvectors of its float64 Gram matrix (as exact, 2-4x cheaper there).
+exact route: on the CPU the eigenvectors of the short side's fp32 Gram matrix (as exact
+where it matters, 1.4-10x cheaper than a full SVD), elsewhere a full SVD.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import devices
 from .devices import on_supporting_device, to_float64
 from .rank import captured_energy, rank_for_energy, target_rank
 
@@ -50,11 +54,17 @@ OVERSAMPLE = 16
 MIN_POWER_ITERATIONS = 1
 MAX_POWER_ITERATIONS = 8
 CONVERGED = 1e-3
+# ... or when the last two growths extrapolate to less than this share of the tolerance
+# still to gain (_converged; 5e-4 at the default tolerance).
+EXTRAPOLATED = 0.5
 # Krylov block width as a fraction of k (wanted + OVERSAMPLE).
 BLOCK_FRACTION = 0.6
 # Krylov products with a bf16 copy of the delta on CPUs where that is faster (see above;
 # exactly low-rank deltas stay exact through the fp32 step of ``_refined``).
 BF16_ON_CPU = True
+# Under the energy rule, stop when the values the rule keeps have converged (not all of
+# ``wanted``): a layer whose rank stops well below the cap needs a much smaller space.
+RANK_AWARE = True
 # Past this fraction of the smaller side a full SVD is as cheap and exact.
 EXACT_FRACTION = 0.25
 
@@ -130,7 +140,8 @@ def factorize(
     if not exact and _gram_is_cheaper(delta, wanted):
         u, s, vh = leading_triplets_from_gram(delta, wanted)
     else:
-        u, s, vh = top_singular_triplets(delta, wanted, exact, generator, total_energy, triplets=wanted)
+        rule = threshold if fixed_rank <= 0 and RANK_AWARE else None
+        u, s, vh = top_singular_triplets(delta, wanted, exact, generator, total_energy, triplets=wanted, threshold=rule)
     rank = wanted if fixed_rank > 0 else rank_for_energy(s, total_energy, threshold, wanted)
     rank = max(1, min(rank, len(s)))
     root = s[:rank].sqrt()
@@ -147,41 +158,50 @@ def top_singular_triplets(
     generator: torch.Generator | None,
     total_energy: float | None = None,
     triplets: int | None = None,
+    threshold: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """At least ``wanted`` leading singular triplets: randomized unless that costs as much as exact.
 
     ``triplets``: on the randomized route, return this many (default ``wanted`` + OVERSAMPLE,
-    whose values some callers read as the spectrum's head): fewer narrows its last fp32 product."""
+    whose values some callers read as the spectrum's head). ``threshold``: the energy rule
+    that will choose the rank; the randomized route then stops once the values that rule
+    keeps have converged (see ``randomized_svd``)."""
     if exact or wanted + OVERSAMPLE >= EXACT_FRACTION * min(delta.shape):
         return on_supporting_device(torch.linalg.svd, delta, full_matrices=False)
     return randomized_svd(
-        delta, wanted + OVERSAMPLE, keep=wanted, generator=generator, total_energy=total_energy, triplets=triplets
+        delta,
+        wanted + OVERSAMPLE,
+        keep=wanted,
+        generator=generator,
+        total_energy=total_energy,
+        triplets=triplets,
+        threshold=threshold,
     )
 
 
-# A layer that takes the exact route (the randomized one would cost as much) and whose long
-# side is at least this many times its short side: the float64 Gram matrix of the short
-# side is cheaper than a full SVD (one thread, measured: [320, 2880] 0.030 vs 0.098 CPU s,
-# [320, 1280] 0.020 vs 0.040, [640, 1280] 0.087 vs 0.139; square: no gain).
-GRAM_ASPECT = 2
+# A layer that takes the exact route (the randomized one would cost as much) on the CPU:
+# the leading eigenvectors of its short side's fp32 Gram matrix, then the delta projected
+# on them, cost less than a full SVD (one thread, measured: [320, 320] 9.7 vs 13.8 ms,
+# [320, 2880] 19 vs 96 ms, [256, 15360] 54 vs 625 ms; a float64 Gram matrix took 2.4-3x
+# the fp32 one's time for the same results to the tests' 1e-6).
 
 
 def _gram_is_cheaper(delta: torch.Tensor, wanted: int) -> bool:
-    short, long = sorted(delta.shape)
-    return delta.device.type == "cpu" and wanted + OVERSAMPLE >= EXACT_FRACTION * short and long >= GRAM_ASPECT * short
+    return delta.device.type == "cpu" and wanted + OVERSAMPLE >= EXACT_FRACTION * min(delta.shape)
 
 
 def leading_triplets_from_gram(delta: torch.Tensor, wanted: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The ``wanted`` leading singular triplets, exact to float64 precision, from the
-    eigenvectors of the short side's Gram matrix A A^T (float64, so the squared condition
-    costs nothing here): the leading ``wanted`` of them, L, then the SVD of L^T A through
-    a QR of its tall transpose (values lower bounds, equal to the true ones to float64
-    precision; an exactly low-rank delta is reproduced exactly)."""
+    """The ``wanted`` leading singular triplets from the eigenvectors of the short side's
+    Gram matrix A A^T (fp32): the leading ``wanted`` of them, L, then the SVD of L^T A
+    through a QR of its tall transpose. The values are those of the delta projected on L
+    (lower bounds), equal to a full SVD's to fp32 precision where they matter: a squared
+    condition number only blurs eigenvectors whose values are below ~1e-4 of the largest,
+    whose energy is below the rounding. An exactly low-rank delta is reproduced exactly."""
     transposed = delta.shape[0] > delta.shape[1]
-    a = to_float64(delta.T if transposed else delta)  # [short, long]
+    a = delta.T if transposed else delta  # [short, long]
     _, vectors = torch.linalg.eigh(a @ a.T)
     left = vectors.flip(1)[:, :wanted]
-    u, s, vh = (part.to(delta.dtype) for part in _projected_svd(left, a.T @ left))
+    u, s, vh = _projected_svd(left, a.T @ left)
     if transposed:
         return vh.T, s, u.T
     return u, s, vh
@@ -198,6 +218,7 @@ def randomized_svd(
     block: int | None = None,
     total_energy: float | None = None,
     triplets: int | None = None,
+    threshold: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """At least k leading singular triplets of ``matrix`` (Ritz values: lower bounds of the
     true ones) from a block Krylov space, grown until the energy of the leading ``keep``
@@ -213,9 +234,10 @@ def randomized_svd(
     of short blocks; the long side only meets matrix products (the Gram matrix Z^T Z).
 
     Iteration limits and tolerance default to the module's constants (read at call time).
-    ``total_energy``: ||matrix||_F^2 when the caller has it (the bf16 path's refinement
-    test needs it). ``triplets``: return only this many leading triplets (default k; at
-    least ``keep``): the Ritz step projects that many columns."""
+    ``total_energy``: ||matrix||_F^2 when the caller has it (the energy rule and the bf16
+    path's refinement test need it). ``triplets``: return only this many leading triplets
+    (default k; at least ``keep``). ``threshold``: the energy rule that will choose the
+    rank, whose kept values are then the ones that must converge."""
     keep = k if keep is None else keep
     min_iterations = MIN_POWER_ITERATIONS if min_iterations is None else min_iterations
     max_iterations = MAX_POWER_ITERATIONS if max_iterations is None else max_iterations
@@ -229,28 +251,33 @@ def randomized_svd(
     capacity = max(1, min(max_iterations + 1, short // block)) * block
     # Q^T and Z^T, one block of rows each, preallocated (no concatenation; a block's rows
     # are contiguous, so only the blocks used are ever touched).
-    basis_t = exact_a.new_empty(capacity, short, dtype=torch.float32)
-    projection_t = exact_a.new_empty(capacity, long, dtype=torch.float32)
+    basis_t = _scratch_rows("basis", capacity, short, exact_a.device)
+    projection_t = _scratch_rows("projection", capacity, long, exact_a.device)
     # Z^T Z, grown block by block, on the CPU: float64, or float32 after bf16 products (it
     # only ranks the Ritz vectors then; its solves cost half as much)
     gram = torch.zeros(capacity, capacity, dtype=torch.float32 if reduced else torch.float64)
-    sketch = torch.randn(long, block, device=a.device, generator=generator)
-    used = _add_block(a, _orthonormal(_product(a, sketch)), basis_t, projection_t, gram, 0)
-    kept = _kept_energy(gram[:used, :used], keep)
+    sketch_t = torch.randn(block, long, device=a.device, generator=generator)
+    used = _add_block(a, _orthonormal(_product(a, sketch_t)), basis_t, projection_t, gram, 0)
+    if threshold is not None and total_energy is None:
+        total_energy = squared_norm(exact_a)
+    history = [_ritz_energies(gram[:used, :used])]  # the squared Ritz values after each block
     for iteration in range(1, max_iterations + 1):
         if used + block > short:
             break  # the space would exceed the delta's rank bound (its smaller side)
-        columns = _product(a, projection_t[used - block : used].T)
+        columns = _product(a, projection_t[used - block : used])
         used = _add_block(a, _next_block(columns, basis_t[:used]), basis_t, projection_t, gram, used)
-        previous, kept = kept, _kept_energy(gram[:used, :used], keep)
-        if iteration >= min_iterations and used >= k and kept - previous <= tolerance * kept:
+        history.append(_ritz_energies(gram[:used, :used]))
+        # The energy rule's rank on the Ritz values so far (lower bounds: never below the
+        # exact rule's): only the leading values it keeps need to converge.
+        needed = keep if threshold is None else rank_for_energy(history[-1].sqrt(), total_energy, threshold, keep)
+        if iteration >= min_iterations and used >= min(k, needed + OVERSAMPLE) and _converged(history, needed, tolerance):
             break
     count = k if triplets is None else max(keep, triplets)
-    u, s, vh = _ritz_triplets(exact_a, basis_t[:used], projection_t[:used], gram[:used, :used], count, reduced)
+    u, s, vh = _ritz_triplets(basis_t[:used], projection_t[:used], gram[:used, :used], count, reduced)
     if reduced:
         if total_energy is None:
             total_energy = squared_norm(exact_a)
-        if total_energy - float((to_float64(s) ** 2).sum()) < REFINE_RESIDUAL * total_energy:
+        if _exactly_low_rank(s, total_energy):
             u, s, vh = _refined(exact_a, vh)
     if transposed:
         return vh.T, s, u.T
@@ -262,21 +289,36 @@ def _add_block(a, new, basis_t, projection_t, gram, used) -> int:
     row and column (fp32 products). Returns the columns now used."""
     end = used + new.shape[1]
     basis_t[used:end] = new.T
-    projection_t[used:end] = _product(a.T, new).T
+    _transposed_product(a, new, out=projection_t[used:end])
     cross = (projection_t[:end] @ projection_t[used:end].T).cpu()  # cast to the Gram's dtype on assignment
     gram[:end, used:end] = cross
     gram[used:end, :end] = cross.T
     return end
 
 
-def _product(matrix: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """matrix @ columns in the matrix's dtype (a bf16 copy of the delta halves the cost
-    where the CPU multiplies bf16 natively), the result in fp32."""
-    return (matrix @ columns.to(matrix.dtype)).float()
+# Products in the matrix's dtype (a bf16 copy of the delta halves the cost where the CPU
+# multiplies bf16 natively), results in fp32. Each is written with the delta in the
+# operand position its memory layout suits (A row-major on the left, A^T row-major on the
+# right): the other form of the same product measured 10-25% slower.
 
 
-def _orthonormal(columns: torch.Tensor) -> torch.Tensor:
-    return on_supporting_device(torch.linalg.qr, columns)[0]
+def _product(a: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """A X for A = ``a`` [short, long] and X^T = ``rows`` [b, long]: [short, b]."""
+    if a.is_contiguous():
+        return (a @ rows.T.to(a.dtype)).float()
+    return (rows.to(a.dtype) @ a.T).T.float()
+
+
+def _transposed_product(a: torch.Tensor, columns: torch.Tensor, out: torch.Tensor) -> None:
+    """(A^T Q)^T = Q^T A for Q = ``columns`` [short, b], into ``out`` [b, long]."""
+    if a.is_contiguous():
+        out.copy_(columns.T.to(a.dtype) @ a)
+    else:
+        out.copy_((a.T @ columns.to(a.dtype)).T)
+
+
+def _orthonormal(columns: torch.Tensor, passes: int = 2) -> torch.Tensor:
+    return _thin_qr(columns, passes)[0]
 
 
 def _next_block(columns: torch.Tensor, basis_t: torch.Tensor) -> torch.Tensor:
@@ -284,47 +326,127 @@ def _next_block(columns: torch.Tensor, basis_t: torch.Tensor) -> torch.Tensor:
     projected out: project, normalise, twice. Normalising before the second projection
     matters when the space is nearly exhausted (an exactly low-rank delta): the first
     projection leaves only round-off, whose own components along the earlier blocks are
-    then removed too."""
+    then removed too. One Cholesky QR pass each: the second one's input is orthonormal to
+    its first pass's rounding, which it removes."""
     for _ in range(2):
-        columns = _orthonormal(columns - basis_t.T @ (basis_t @ columns))
+        columns = _orthonormal(columns - basis_t.T @ (basis_t @ columns), passes=1)
     return columns
 
 
-def _kept_energy(gram: torch.Tensor, keep: int) -> float:
-    """Sum of the leading ``keep`` squared Ritz values: eigenvalues of Z^T Z (only the
-    energy, which the convergence test needs, not the vectors)."""
-    values = torch.linalg.eigvalsh(gram)
-    return float(values.flip(0)[:keep].clamp(min=0).sum())
+# Cholesky QR's factor must be this well conditioned (smallest over largest diagonal entry,
+# a lower bound of 1 / cond): a pass leaves cond^2 * eps of orthogonality (~0.06 at 1e3 in
+# fp32), which a second pass removes; worse blocks take Householder's QR.
+CHOLESKY_QR_CONDITION = 1e-3
 
 
-def _ritz_triplets(exact_a, basis_t, projection_t, gram, k, reduced):
+def _thin_qr(columns: torch.Tensor, passes: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q, R of a tall block: Cholesky QR (Q = X R^-1 with R from the Cholesky factor of
+    X^T X: a Gram product and a product with a small inverse per pass, 5-10x less CPU than
+    Householder's QR on the [1280-10240, 48-64] blocks here), twice by default
+    (CholeskyQR2), or Householder's QR where the block is too ill-conditioned for it (an
+    exhausted Krylov space, an exactly low-rank delta). Off the CPU, Householder's: on CUDA
+    the products run in TF32, whose ~1e-3 would stay in the Gram matrices, and the GPU's QR
+    is fast anyway."""
+    if columns.device.type != "cpu" or "cpu" in devices.NO_DECOMPOSITIONS:
+        return on_supporting_device(torch.linalg.qr, columns)
+    q, r = columns, None
+    for _ in range(passes):
+        factor, info = torch.linalg.cholesky_ex(to_float64(q.T @ q))  # X^T X = L L^T, R = L^T
+        diagonal = factor.diagonal()
+        if int(info) != 0 or not bool(diagonal.min() > CHOLESKY_QR_CONDITION * diagonal.max()):
+            return torch.linalg.qr(columns)
+        identity = torch.eye(len(factor), dtype=factor.dtype)
+        inverse = torch.linalg.solve_triangular(factor, identity, upper=False).T  # R^-1
+        q = q @ inverse.to(q.dtype)
+        r = factor.T if r is None else factor.T @ r
+    return q, r.to(columns.dtype)
+
+
+def _converged(history: list[torch.Tensor], needed: int, tolerance: float) -> bool:
+    """Whether the energy of the leading ``needed`` Ritz values has converged: it grew by
+    at most ``tolerance`` of itself in the last block, or its last two growths (both with
+    at least ``needed`` values) shrink fast enough that the geometric series they start,
+    g^2 / (g_before - g), leaves at most EXTRAPOLATED * ``tolerance`` of it to gain. The
+    growth per block was ~1e-3 just where the optimum was reached (>= 0.9996) on Z-Image's
+    layers, so the plain test alone stopped there or one block later by chance; measured
+    layer by layer on the Z-Image and SD1.5 pairs (benchmarks/README.md), the extrapolation
+    stops there every time at >= 0.9997 of the optimum."""
+    kept = [float(values[:needed].sum()) for values in history[-3:]]
+    growth = kept[-1] - kept[-2]
+    if growth <= tolerance * kept[-1]:
+        return True
+    if len(kept) < 3 or len(history[-3]) < needed:
+        return False
+    before = kept[-2] - kept[-3]
+    return 0 < growth < before and growth * growth / (before - growth) <= EXTRAPOLATED * tolerance * kept[-1]
+
+
+def _ritz_energies(gram: torch.Tensor) -> torch.Tensor:
+    """The squared Ritz values, largest first: eigenvalues of Z^T Z (only the energies,
+    which the convergence test needs, not the vectors). Called once per Krylov block."""
+    return torch.linalg.eigvalsh(gram).flip(0).clamp(min=0)
+
+
+def _ritz_triplets(basis_t, projection_t, gram, k, rounded):
     """The k leading Ritz triplets of A ([short, long]) in the space spanned by Q.
 
     The Gram matrix ranks the Ritz vectors: its k leading eigenvectors W give L = Q W and
     Y = A^T L = Z W (no pass over A). With Y = P R, L^T A = R^T P^T, whose SVD is R^T's
     (k x k) with P applied: the values and factors are those of the delta projected on L,
     so the values are lower bounds of the true ones and the factors' energy is exact.
-    After bf16 products (``reduced``) Y is one fp32 product instead: Z's entries carry
-    bf16's rounding, which moves the leading energies by ~1e-4 (either way)."""
+
+    After bf16 products (``rounded``), Z = A^T B for B the basis rounded to bf16 (what the
+    products multiplied), orthonormal only to ~1e-4, which moved the values by up to 3e-4
+    of the energy. With B^T B = C^T C (Cholesky, float64), B C^-1 is orthonormal and
+    A^T B C^-1 = Z C^-1: the step runs on those, still without a pass over A. What stays is
+    the products' own rounding: values within ~3e-5 of the energy either way, the factors'
+    energy within ~1e-5 of an fp32 projection's (measured on Z-Image layers; that fp32
+    product of the delta cost as much as three bf16 ones)."""
+    if rounded:
+        basis = basis_t.T.bfloat16().float()
+        factor = torch.linalg.cholesky(to_float64(basis.T @ basis))  # lower: C = factor^T
+        inverse = torch.linalg.solve_triangular(factor.T, torch.eye(len(factor), dtype=factor.dtype), upper=True)
+        gram = (inverse.T @ to_float64(gram) @ inverse).float()  # fp32 ranks Ritz vectors (half the cost)
     _, vectors = torch.linalg.eigh(gram)
-    leading = vectors.flip(1)[:, :k].to(basis_t.device, torch.float32)
-    left = basis_t.T @ leading
-    return _projected_svd(left, exact_a.T @ left if reduced else projection_t.T @ leading)
+    leading = vectors.flip(1)[:, :k]
+    if rounded:
+        coefficients = (inverse @ leading.double()).float()  # C^-1 W: B's and Z's columns that make L and Y
+        left, y = basis @ coefficients, projection_t.T @ coefficients
+        # Y^T Y is the eigenvalues' diagonal (W diagonalises the Gram matrix of Z C^-1), so
+        # L^T A = Y^T is already its own SVD: values the norms of Y's columns, right vectors
+        # those columns normalised; no QR of Y (whose products cost ~5% of a large layer's
+        # step). up @ down is L L^T A either way.
+        values = torch.linalg.vector_norm(y, dim=0)
+        order = values.argsort(descending=True)
+        values = values[order]
+        return left[:, order], values, (y[:, order] / values.clamp(min=torch.finfo(y.dtype).tiny)).T
+    leading = leading.to(basis_t.device, torch.float32)
+    return _projected_svd(basis_t.T @ leading, projection_t.T @ leading)
 
 
 def _projected_svd(left: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The SVD of L^T A from Y = A^T L: with Y = P R, L^T A = R^T P^T, whose SVD is R^T's
     (small, square) with P applied."""
-    p, r = on_supporting_device(torch.linalg.qr, y)
+    p, r = _thin_qr(y)
     u_small, s, w_t = on_supporting_device(torch.linalg.svd, r.T)
     return left @ u_small, s, w_t @ p.T
 
 
-# bf16 path: where the factors would keep more than 1 - REFINE_RESIDUAL of the energy,
-# bf16's ~1e-6 of the energy is more than 1e-3 of what they miss (an exactly low-rank
-# delta: a LoRA given as the variant, a merge, must come out exact), so ``_refined``
-# recomputes them with fp32 products.
+# bf16 path: an exactly low-rank delta (a LoRA given as the variant, a merge) must come out
+# exact, which bf16's rounding (~1e-4 of the energy in the values, ~1e-3 on a 96 x 96
+# layer) would spoil; ``_refined`` recomputes such a delta's factors with fp32 products.
+# It is recognised by the factors keeping more than 1 - REFINE_RESIDUAL of the energy, or
+# by a cliff in the values found: one below REFINE_CLIFF times the one before it (where the
+# exact rank ends, bf16's rounding stands in for zeros; a realistic delta's values fall
+# smoothly, by less than 2x from one to the next).
 REFINE_RESIDUAL = 1e-3
+REFINE_CLIFF = 1e-2
+
+
+def _exactly_low_rank(values: torch.Tensor, total_energy: float) -> bool:
+    if total_energy - float((to_float64(values) ** 2).sum()) < REFINE_RESIDUAL * total_energy:
+        return True
+    return bool((values[1:] < REFINE_CLIFF * values[:-1]).any())
 
 
 def _refined(exact_a: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -341,10 +463,25 @@ _scratch = threading.local()
 
 
 def release_scratch() -> None:
-    """Free this thread's bf16 buffer (the largest layer's size: 78 MB for a [10240, 3840]
-    layer). A CLI run ends with its process; a long-lived worker thread (WebUI, ComfyUI)
-    keeps it for the next run unless its caller releases it after one."""
-    _scratch.bf16 = None
+    """Free this thread's buffers (the bf16 copy, the largest layer's size: 78 MB for a
+    [10240, 3840] layer; the Krylov basis and Z^T, a few MB). A CLI run ends with its
+    process; a long-lived worker thread (WebUI, ComfyUI) keeps them for the next run unless
+    its caller releases them after one."""
+    _scratch.bf16 = _scratch.basis = _scratch.projection = None
+
+
+def _scratch_rows(name: str, rows: int, cols: int, device: torch.device) -> torch.Tensor:
+    """An fp32 [rows, cols] view of this thread's buffer ``name`` (CPU), grown as needed and
+    reused across layers: the Krylov basis and Z^T, freshly allocated, faulted their pages
+    in again at every layer (a few thousand page faults a layer). Its contents are
+    garbage; the caller writes rows before reading them."""
+    if device.type != "cpu":
+        return torch.empty(rows, cols, device=device)
+    buffer = getattr(_scratch, name, None)
+    if buffer is None or buffer.numel() < rows * cols:
+        buffer = torch.empty(rows * cols)
+        setattr(_scratch, name, buffer)
+    return buffer[: rows * cols].view(rows, cols)
 
 
 def _bf16_copy(matrix: torch.Tensor) -> torch.Tensor:

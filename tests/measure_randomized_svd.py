@@ -49,7 +49,7 @@ def realistic_layer(rows, cols, seed, spectrum):
 def count_iterations():
     """Krylov iterations run: blocks measured after the first."""
     counter = {"blocks": 0}
-    real = svd._kept_energy
+    real = svd._ritz_energies
 
     def counting(*args, **kwargs):
         counter["blocks"] += 1
@@ -80,13 +80,13 @@ def main() -> None:
         print(f"{label}: exact float64 svdvals {exact_time:.1f} s, optimum at cap {float(cumulative[CAP - 1]):.4f}", flush=True)
         for name, (oversample, kwargs, bf16) in POLICIES.items():
             counter, counting = count_iterations()
-            real, svd._kept_energy, svd.BF16_ON_CPU = svd._kept_energy, counting, bf16
+            real, svd._ritz_energies, svd.BF16_ON_CPU = svd._ritz_energies, counting, bf16
             try:
                 started = time.process_time()
                 _, s, _ = svd.randomized_svd(delta, CAP + oversample, keep=CAP, generator=rl.generator(seed + 7), **kwargs)
                 elapsed = time.process_time() - started
             finally:
-                svd._kept_energy, svd.BF16_ON_CPU = real, True
+                svd._ritz_energies, svd.BF16_ON_CPU = real, True
             for threshold in THRESHOLDS:
                 rank = rank_for_energy(s, total, threshold, CAP)
                 expected = min(int(torch.nonzero(cumulative >= threshold)[0]) + 1, CAP)

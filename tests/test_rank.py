@@ -13,6 +13,11 @@ from lib_ckpt2lora import svd
 from lib_ckpt2lora.rank import captured_energy, rank_for_energy
 from lib_ckpt2lora.svd import factorize
 
+# What the reported energy may be off by: where the CPU multiplies bf16 natively the Krylov
+# products are bf16, and their rounding stays in the values (up to 1.5e-4 of the energy
+# measured on steep layers; svd._ritz_triplets); fp32 rounding elsewhere.
+REPORTED_ENERGY = 3e-4
+
 
 @pytest.fixture
 def randomized(monkeypatch):
@@ -71,7 +76,7 @@ def test_auto_rank_matches_exact_svd(decay, shape, threshold, randomized):
     # where the ranks agree the captured energy is the optimum's within the 0.995 the
     # design holds to (measured here: >= 0.9994 of it, 5e-4 absolute, on the flat 0.5 decay)
     if fast.rank == exact.rank:
-        assert exact.energy + 1e-5 >= fast.energy >= 0.995 * exact.energy  # 1e-5: fp32 rounding
+        assert exact.energy + REPORTED_ENERGY >= fast.energy >= 0.995 * exact.energy
 
 
 @pytest.mark.parametrize("shape", [(600, 300), (300, 600)])
@@ -123,7 +128,7 @@ def test_randomized_energy_near_optimal_with_noise(randomized):
     assert fast.energy >= 0.995 * optimal
     # the reported energy is the true energy of the factors written
     residual = delta - fast.up @ fast.down
-    assert fast.energy == pytest.approx(1 - float(residual.norm() ** 2 / delta.norm() ** 2), abs=1e-5)
+    assert fast.energy == pytest.approx(1 - float(residual.norm() ** 2 / delta.norm() ** 2), abs=REPORTED_ENERGY)
 
 
 def bf16_delta(rows, cols, seed, decay, noise):
@@ -136,13 +141,13 @@ def bf16_delta(rows, cols, seed, decay, noise):
 def power_iterations_run(monkeypatch) -> list:
     """Krylov blocks counted (the kept energy is measured once per block): the first is
     the sketch's, each further one is an iteration."""
-    calls, real = [], svd._kept_energy
+    calls, real = [], svd._ritz_energies
 
     def kept_energy(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(svd, "_kept_energy", kept_energy)
+    monkeypatch.setattr(svd, "_ritz_energies", kept_energy)
     return calls
 
 
@@ -160,7 +165,7 @@ def test_flat_spectrum_at_the_cap_keeps_the_optimum(monkeypatch, randomized):
     optimum = float((exact[:64] ** 2).sum() / (exact**2).sum())
     assert fast.energy >= 0.999 * optimum, (fast.energy, optimum)
     captured = 1 - float((delta.double() - (fast.up @ fast.down).double()).norm() ** 2 / (exact**2).sum())
-    assert fast.energy == pytest.approx(captured, abs=1e-5)
+    assert fast.energy == pytest.approx(captured, abs=REPORTED_ENERGY)
     assert len(qrs) - 1 > svd.MIN_POWER_ITERATIONS  # it kept iterating past the minimum
 
 
