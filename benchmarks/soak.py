@@ -202,12 +202,20 @@ def soak(base: Path, variant: Path, out_dir: Path, runs: int = 10, cancel_every:
     if leak:
         import importlib
 
+        import torch
+
         runner = importlib.import_module("lib_ckpt2lora.extract").Runner
         real_load = runner.load
 
         def leaking_load(self, unit, bases=None):
             loaded = real_load(self, unit, bases)
-            kept.append(loaded)
+            # Copies: the deltas themselves go back to a pool that the next units reuse
+            # (sources.SpareDeltas), so holding them would leak nothing.
+            for items in loaded[1]:
+                for item in items:
+                    tensor = getattr(item, "tensor", item)
+                    if torch.is_tensor(tensor):
+                        kept.append(tensor.clone())
             return loaded
 
         runner.load, restore = leaking_load, (runner, real_load)

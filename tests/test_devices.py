@@ -93,8 +93,9 @@ def test_steps_a_device_lacks_go_through_the_cpu(monkeypatch):
     """With the CPU marked as lacking the decompositions (standing in for MPS), every QR
     and SVD of a randomized factorization goes through the CPU route, with the same result."""
     delta = realistic_delta()
-    # Householder's QR on the CPU as on the routed run (the CPU's own route is Cholesky QR,
-    # which a device lacking decompositions does not take): the same steps, the same result.
+    # As on such a device: fp32 products (the bf16 ones are the CPU's own) and Householder's
+    # QR (the CPU's own route is Cholesky QR): the same steps, the same result.
+    monkeypatch.setattr(svd, "BF16_ON_CPU", False)
     monkeypatch.setattr(svd, "CHOLESKY_QR_CONDITION", 2.0)
     expected = svd.factorize(delta, cap=64, generator=torch.Generator().manual_seed(0))
     routed = []
