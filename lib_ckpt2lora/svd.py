@@ -417,9 +417,10 @@ def _ritz_triplets(basis_t, projection_t, gram, k, rounded):
         # those columns normalised; no QR of Y (whose products cost ~5% of a large layer's
         # step). up @ down is L L^T A either way.
         values = torch.linalg.vector_norm(y, dim=0)
-        order = values.argsort(descending=True)
-        values = values[order]
-        return left[:, order], values, (y[:, order] / values.clamp(min=torch.finfo(y.dtype).tiny)).T
+        if bool((values[1:] > values[:-1]).any()):  # rounding swapped near-equal values
+            order = values.argsort(descending=True)
+            values, left, y = values[order], left[:, order], y[:, order]
+        return left, values, (y / values.clamp(min=torch.finfo(y.dtype).tiny)).T
     leading = leading.to(basis_t.device, torch.float32)
     return _projected_svd(basis_t.T @ leading, projection_t.T @ leading)
 
