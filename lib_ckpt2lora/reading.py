@@ -167,7 +167,7 @@ class TensorFile:
         of the reader's 1.3-2 CPU s on 1-block Z-Image, nothing on SD1.5, and added 10-20 MB
         of peak RSS (benchmarks/bench_mapped_reads.py, benchmarks/README.md)."""
         info = self.infos.get(key) or self.scale_infos[key]
-        size = _item_size(info.dtype)
+        size = torch.empty((), dtype=info.dtype).element_size()
         first = self._data_start + self._offsets[key][0] + begin * size
         return self._read(key, info.dtype, [end - begin], first, (end - begin) * size, out)
 
@@ -209,16 +209,6 @@ class TensorFile:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _item_size(dtype: torch.dtype) -> int:
-    size = _ITEM_SIZES.get(dtype)
-    if size is None:
-        size = _ITEM_SIZES[dtype] = torch.empty((), dtype=dtype).element_size()
-    return size
-
-
-_ITEM_SIZES: dict[torch.dtype, int] = {}
 
 
 def read_into(handle, buffer: memoryview) -> int:

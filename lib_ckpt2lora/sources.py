@@ -22,8 +22,7 @@ from typing import Protocol
 import torch
 
 from .architectures import FileView
-from .devices import to_float64
-from .svd import ENERGY_CHUNK, squared_norm
+from .svd import ENERGY_CHUNK, partial_squares, squared_norm, summed_squares
 
 
 class DeltaSource(Protocol):
@@ -212,17 +211,11 @@ def read_deltas(
             target.copy_(variant.chunk(begin, end, flat).reshape(target.shape))
             target.sub_(base_chunk.reshape(target.shape))
             # chunks start at whole ENERGY_CHUNKs: squared_norm's very partial sums
-            sums.extend(torch.dot(chunk, chunk) for chunk in target.reshape(-1).split(ENERGY_CHUNK))
+            sums.extend(partial_squares(target.reshape(-1)))
         if base is None:
-            flat_chunk = base_chunk.reshape(-1)
-            partials.extend(torch.dot(chunk, chunk) for chunk in flat_chunk.split(ENERGY_CHUNK))
-    read = [ReadDelta(delta, _summed(sums)) for delta, sums in zip(deltas, delta_partials)]
-    return (base if base is not None else ReadBase(_summed(partials), shape)), read
-
-
-def _summed(partials: list[torch.Tensor]) -> float:
-    """The float64 sum of fp32 partial sums, as svd.squared_norm adds them."""
-    return float(to_float64(torch.stack(partials)).sum()) if partials else 0.0
+            partials.extend(partial_squares(base_chunk.reshape(-1)))
+    read = [ReadDelta(delta, summed_squares(sums)) for delta, sums in zip(deltas, delta_partials)]
+    return (base if base is not None else ReadBase(summed_squares(partials), shape)), read
 
 
 def value_chunks(numel: int) -> list[tuple[int, int]]:

@@ -116,8 +116,19 @@ def squared_norm(tensor: torch.Tensor) -> float:
     flat = tensor.reshape(-1)
     if flat.dtype != torch.float32:
         flat = flat.float()
-    partial = torch.stack([torch.dot(chunk, chunk) for chunk in flat.split(ENERGY_CHUNK)])
-    return float(to_float64(partial).sum())
+    return summed_squares(partial_squares(flat))
+
+
+def partial_squares(flat: torch.Tensor) -> list[torch.Tensor]:
+    """The fp32 dot products of ``flat``'s ENERGY_CHUNK pieces that squared_norm adds; a
+    caller summing a tensor in ranges that start at whole ENERGY_CHUNKs gets the same ones
+    (the reader's ||W||^2 and ||delta||^2, sources.read_deltas)."""
+    return [torch.dot(chunk, chunk) for chunk in flat.split(ENERGY_CHUNK)]
+
+
+def summed_squares(partials: list[torch.Tensor]) -> float:
+    """partial_squares' results summed in float64 (0 for none)."""
+    return float(to_float64(torch.stack(partials)).sum()) if partials else 0.0
 
 
 def factorize(
@@ -179,14 +190,12 @@ def top_singular_triplets(
     )
 
 
-# A layer that takes the exact route (the randomized one would cost as much) on the CPU:
-# the leading eigenvectors of its short side's fp32 Gram matrix, then the delta projected
-# on them, cost less than a full SVD (one thread, measured: [320, 320] 9.7 vs 13.8 ms,
-# [320, 2880] 19 vs 96 ms, [256, 15360] 54 vs 625 ms; a float64 Gram matrix took 2.4-3x
-# the fp32 one's time for the same results to the tests' 1e-6).
-
-
 def _gram_is_cheaper(delta: torch.Tensor, wanted: int) -> bool:
+    """A layer that takes the exact route (the randomized one would cost as much), on the
+    CPU: the leading eigenvectors of its short side's fp32 Gram matrix, then the delta
+    projected on them, cost less than a full SVD (one thread, measured: [320, 320] 9.7 vs
+    13.8 ms, [320, 2880] 19 vs 96 ms, [256, 15360] 54 vs 625 ms; a float64 Gram matrix took
+    2.4-3x the fp32 one's time for the same results to the tests' 1e-6)."""
     return delta.device.type == "cpu" and wanted + OVERSAMPLE >= EXACT_FRACTION * min(delta.shape)
 
 
@@ -258,7 +267,7 @@ def randomized_svd(
     gram = torch.zeros(capacity, capacity, dtype=torch.float32 if reduced else torch.float64)
     sketch_t = torch.randn(block, long, device=a.device, generator=generator)
     used = _add_block(a, _orthonormal(_product(a, sketch_t)), basis_t, projection_t, gram, 0)
-    if threshold is not None and total_energy is None:
+    if total_energy is None and (threshold is not None or reduced):  # the rule, the refinement test
         total_energy = squared_norm(exact_a)
     history = [_ritz_energies(gram[:used, :used])]  # the squared Ritz values after each block
     for iteration in range(1, max_iterations + 1):
@@ -274,11 +283,8 @@ def randomized_svd(
             break
     count = k if triplets is None else max(keep, triplets)
     u, s, vh = _ritz_triplets(basis_t[:used], projection_t[:used], gram[:used, :used], count, reduced)
-    if reduced:
-        if total_energy is None:
-            total_energy = squared_norm(exact_a)
-        if _exactly_low_rank(s, total_energy):
-            u, s, vh = _refined(exact_a, vh)
+    if reduced and _exactly_low_rank(s, total_energy):
+        u, s, vh = _refined(exact_a, vh)
     if transposed:
         return vh.T, s, u.T
     return u, s, vh
@@ -355,11 +361,16 @@ def _thin_qr(columns: torch.Tensor, passes: int = 2) -> tuple[torch.Tensor, torc
         diagonal = factor.diagonal()
         if int(info) != 0 or not bool(diagonal.min() > CHOLESKY_QR_CONDITION * diagonal.max()):
             return torch.linalg.qr(columns)
-        identity = torch.eye(len(factor), dtype=factor.dtype)
-        inverse = torch.linalg.solve_triangular(factor, identity, upper=False).T  # R^-1
+        inverse = _inverse_of_transpose(factor)  # R^-1
         q = q @ inverse.to(q.dtype)
         r = factor.T if r is None else factor.T @ r
     return q, r.to(columns.dtype)
+
+
+def _inverse_of_transpose(lower: torch.Tensor) -> torch.Tensor:
+    """(L^T)^-1 for a lower-triangular Cholesky factor L (small, on the CPU)."""
+    identity = torch.eye(len(lower), dtype=lower.dtype)
+    return torch.linalg.solve_triangular(lower, identity, upper=False).T
 
 
 def _converged(history: list[torch.Tensor], needed: int, tolerance: float) -> bool:
@@ -405,7 +416,7 @@ def _ritz_triplets(basis_t, projection_t, gram, k, rounded):
     if rounded:
         basis = basis_t.T.bfloat16().float()
         factor = torch.linalg.cholesky(to_float64(basis.T @ basis))  # lower: C = factor^T
-        inverse = torch.linalg.solve_triangular(factor.T, torch.eye(len(factor), dtype=factor.dtype), upper=True)
+        inverse = _inverse_of_transpose(factor)  # C^-1
         gram = (inverse.T @ to_float64(gram) @ inverse).float()  # fp32 ranks Ritz vectors (half the cost)
     _, vectors = torch.linalg.eigh(gram)
     leading = vectors.flip(1)[:, :k]
