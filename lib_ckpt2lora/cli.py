@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -198,6 +199,8 @@ def main(argv: list[str] | None = None, stop: threading.Event | None = None) -> 
     if len(args.variant) > 1:  # a batch (toolbox/batch.py): one LoRA per variant, the base read once
         from .toolbox.batch import run_cli
 
+        _leave_a_core_for_the_reader(args.device)
+
         return run_cli(args, stop)
     args.variant = args.variant[0]
     if args.out is None and not args.list_layers:
@@ -215,6 +218,7 @@ def main(argv: list[str] | None = None, stop: threading.Event | None = None) -> 
             raise UserError(f"The folder {Path(args.report_json).parent} for --report-json does not exist; create it first.")
         from .extract import extract
 
+        _leave_a_core_for_the_reader(args.device)
         if stop.is_set():  # pressed while starting up
             raise Cancelled()
         running.set()
@@ -333,6 +337,31 @@ def _return_freed_memory_to_the_system(checkpoint: bool = True) -> None:
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass  # not glibc: its allocator has its own policy
+
+
+def _leave_a_core_for_the_reader(device: str) -> None:
+    """On the CPU, torch's intra-op threads one fewer than the CPUs this process may use
+    (and no more than torch's own default), unless OMP_NUM_THREADS says otherwise: the
+    reader thread forms the next deltas the whole time beside them. Set here, before the
+    reader exists, so its own operations inherit the count. On this project's 2-CPU machine
+    (SD1.5 pair, benchmarks/README.md) one compute thread beside the reader took less wall
+    and CPU time than two, which spent theirs contending with the reader. The CLI owns its
+    process; the WebUI and ComfyUI keep their host's setting."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    import torch
+
+    from .devices import resolve_device
+
+    try:
+        if resolve_device(device).type != "cpu":
+            return
+    except UserError:
+        return  # the run reports it
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = min(torch.get_num_threads(), max(1, available - 1))
+    if threads < torch.get_num_threads():
+        torch.set_num_threads(threads)
 
 
 def _progress_bar():

@@ -9,14 +9,18 @@ iterations make them accurate enough that it equals it except on near-ties.
 
 The space searched is a block Krylov space (Musco & Musco 2015): every power iterate is
 kept, not only the last, at no extra pass over the delta (see ``randomized_svd``). It grows
-by one block (BLOCK_FRACTION of ``wanted`` + 16 columns: 48 for the default cap 64) per
-iteration until the energy of the leading Ritz values has converged (``_converged``: it
-grew by less than CONVERGED of itself, or its last two growths extrapolate to less than
-half that), at least MIN and at most MAX_POWER_ITERATIONS. Under the energy rule only the
-values the rule keeps must converge (RANK_AWARE), not all of ``wanted``. Measured on the
-Z-Image and SD1.5 pairs of benchmarks/make_pairs.py, layer by layer against the exact
-spectrum (benchmarks/bench_svd_layers.py, benchmarks/README.md): every layer >= 0.9996
-of the optimum.
+by one block (BLOCK_FRACTION of ``wanted`` + 16 columns, in whole PRODUCT_COLUMNS: 32 for
+the default cap 64) per iteration until the energy of the leading Ritz values has
+converged (``_converged``: it grew by less than CONVERGED of itself, or its last two
+growths extrapolate to less than half that), at least MIN and at most
+MAX_POWER_ITERATIONS. Under the energy rule only the values the rule keeps must converge
+(RANK_AWARE), not all of ``wanted``, and the blocks after the first narrow to what those
+values need (NARROW_BLOCKS). Narrow blocks grow the Krylov degree faster per column than
+wide ones: 32 columns took 17% (SD1.5) and 9% (Z-Image) less CPU than the 48 used before,
+at the same worst layer. Measured on the Z-Image and SD1.5 pairs of
+benchmarks/make_pairs.py, layer by layer against the exact spectrum
+(benchmarks/bench_svd_layers.py, benchmarks/README.md): every layer >= 0.9992 of the
+optimum.
 
 On a CPU that multiplies bf16 natively (AVX512-BF16, AMX: 2-3x the fp32 speed here) the
 Krylov products use a bf16 copy of the delta, their results rounded to bf16, and the
@@ -39,6 +43,7 @@ where it matters, 1.4-10x cheaper than a full SVD), elsewhere a full SVD.
 from __future__ import annotations
 
 import functools
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -57,16 +62,30 @@ CONVERGED = 1e-3
 # ... or when the last two growths extrapolate to less than this share of the tolerance
 # still to gain (_converged; 5e-4 at the default tolerance).
 EXTRAPOLATED = 0.5
-# Krylov block width as a fraction of k (wanted + OVERSAMPLE).
-BLOCK_FRACTION = 0.6
+# The first Krylov block's width as a fraction of k (wanted + OVERSAMPLE), rounded up to
+# whole PRODUCT_COLUMNS. 16 columns (0.2) stopped too early on some layers (0.9987 of the
+# optimum on Z-Image's cap_embedder); 48 (0.6) and wider cost more everywhere.
+BLOCK_FRACTION = 0.4
 # Krylov products with a bf16 copy of the delta on CPUs where that is faster (see above;
 # exactly low-rank deltas stay exact through the fp32 step of ``_refined``).
 BF16_ON_CPU = True
 # Under the energy rule, stop when the values the rule keeps have converged (not all of
 # ``wanted``): a layer whose rank stops well below the cap needs a much smaller space.
 RANK_AWARE = True
-# Past this fraction of the smaller side a full SVD is as cheap and exact.
-EXACT_FRACTION = 0.25
+# Past this fraction of the smaller side a full SVD is as cheap and exact. (At 0.25, SD1.5's
+# [320, *] layers took the exact route at the default cap; the randomized one, whose
+# blocks narrow to the rank the rule needs, took 0.47 against 0.66 CPU s for those 65
+# layers, at the same accuracy: benchmarks/bench_svd_layers.py.)
+EXACT_FRACTION = 0.3
+# Under the energy rule, the blocks after the first are only as wide as the rank the first
+# block's Ritz values call for plus NARROW_OVERSAMPLE, in whole PRODUCT_COLUMNS (``_narrowed``):
+# 16 columns for a layer that keeps <= 8 values (most of SD1.5's), 5% less CPU there.
+NARROW_BLOCKS = True
+NARROW_OVERSAMPLE = 8
+# The CPU's bf16 products cost about the same for any width up to the next multiple of
+# this (one thread, [1280, 11520]: 16 columns 8.0 ms, 20-32 columns 10.8-12.0 ms, 48 16.7
+# ms for both products), so block widths are rounded up to it: the extra columns are free.
+PRODUCT_COLUMNS = 16
 
 
 @dataclass
@@ -234,7 +253,7 @@ def randomized_svd(
     (default k) values converges.
 
     With A the matrix oriented [short side, long side], the space is span[Q_0, Q_1, ...],
-    Q_0 = orth(A S) for a Gaussian S of ``block`` columns (default BLOCK_FRACTION k) and Q_{i+1} =
+    Q_0 = orth(A S) for a Gaussian S of ``block`` columns (default ``_first_block(k)``) and Q_{i+1} =
     orth(A A^T Q_i) orthogonalised against every earlier block. Subspace iteration keeps
     only the last Q_i; keeping all of them (Musco & Musco 2015) costs no extra pass over A,
     because Z_i = A^T Q_i, computed to go one step further, is also the i-th block of
@@ -254,10 +273,10 @@ def randomized_svd(
     transposed = matrix.shape[0] > matrix.shape[1]
     exact_a = matrix.T if transposed else matrix  # [short, long]
     short, long = exact_a.shape
-    block = min(max(1, round(BLOCK_FRACTION * k)) if block is None else block, short)
+    block = min(_first_block(k) if block is None else block, short)
     reduced = exact_a.dtype == torch.float32 and exact_a.device.type == "cpu" and BF16_ON_CPU and bf16_is_faster_on_cpu()
     a = _bf16_copy(exact_a) if reduced else exact_a
-    capacity = max(1, min(max_iterations + 1, short // block)) * block
+    capacity = min((max_iterations + 1) * block, short)
     # Q^T and Z^T, one block of rows each, preallocated (no concatenation; a block's rows
     # are contiguous, so only the blocks used are ever touched).
     basis_t = _scratch_rows("basis", capacity, short, exact_a.device)
@@ -270,11 +289,15 @@ def randomized_svd(
     if total_energy is None and (threshold is not None or reduced):  # the rule, the refinement test
         total_energy = squared_norm(exact_a)
     history = [_ritz_energies(gram[:used, :used])]  # the squared Ritz values after each block
+    last_t = projection_t[:used]  # Z_i^T of the block the next one grows from
+    if threshold is not None and NARROW_BLOCKS:
+        last_t, block = _narrowed(last_t, gram[:used, :used], history[0], total_energy, threshold, keep, block)
     for iteration in range(1, max_iterations + 1):
         if used + block > short:
             break  # the space would exceed the delta's rank bound (its smaller side)
-        columns = _product(a, projection_t[used - block : used])
+        columns = _product(a, last_t)
         used = _add_block(a, _next_block(columns, basis_t[:used]), basis_t, projection_t, gram, used)
+        last_t = projection_t[used - block : used]
         history.append(_ritz_energies(gram[:used, :used]))
         # The energy rule's rank on the Ritz values so far (lower bounds: never below the
         # exact rule's): only the leading values it keeps need to converge.
@@ -288,6 +311,32 @@ def randomized_svd(
     if transposed:
         return vh.T, s, u.T
     return u, s, vh
+
+
+def _first_block(k: int) -> int:
+    """The sketch's width: BLOCK_FRACTION of k, rounded up to whole PRODUCT_COLUMNS."""
+    return _whole_product_columns(BLOCK_FRACTION * k)
+
+
+def _whole_product_columns(width: float) -> int:
+    return max(1, math.ceil(width / PRODUCT_COLUMNS)) * PRODUCT_COLUMNS
+
+
+def _narrowed(first_t, gram, energies, total_energy, threshold, keep, block):
+    """The first block's Z^T and width, or, where the energy rule needs far fewer values
+    than the block holds, the Z^T of its leading Ritz vectors (Z W for the gram's leading
+    eigenvectors W: A^T of the best directions found) and that narrower width. The rank
+    the first block's Ritz values call for is never below the exact rule's (they are lower
+    bounds), and the first block stays in the space: the later blocks, and every pass over
+    the delta they cost, shrink to that rank plus NARROW_OVERSAMPLE. Most of SD1.5's layers
+    keep 3-20 values of the 64 allowed."""
+    needed = rank_for_energy(energies.sqrt(), total_energy, threshold, keep)
+    width = _whole_product_columns(needed + NARROW_OVERSAMPLE)
+    if width >= block:
+        return first_t, block
+    _, vectors = torch.linalg.eigh(gram.float())
+    leading = vectors.flip(1)[:, :width].to(first_t.device)
+    return leading.T @ first_t, width
 
 
 def _add_block(a, new, basis_t, projection_t, gram, used) -> int:

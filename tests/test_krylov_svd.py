@@ -126,7 +126,7 @@ def test_bf16_products_on_a_realistic_layer_need_no_refinement(monkeypatch):
     assert refined == []
 
 
-@pytest.mark.parametrize("shape", [(320, 2880), (2880, 320), (300, 640), (320, 400)])
+@pytest.mark.parametrize("shape", [(256, 2880), (2880, 256), (240, 640), (256, 400)])  # short side <= 80 / EXACT_FRACTION
 def test_exact_route_through_the_gram_matrix(monkeypatch, shape):
     """Small layers (the randomized route would cost as much as an exact SVD) take the fp32
     Gram route on the CPU, square ones too: the values, ranks, energies and factors of a
@@ -149,7 +149,7 @@ def test_exact_route_through_the_gram_matrix(monkeypatch, shape):
     fact = svd.factorize(low, fixed_rank=8)
     assert torch.allclose(fact.up @ fact.down, low, atol=1e-6)
     calls.clear()
-    svd.factorize(bf16_layer(320, 400, seed=1, decay=1.0, noise=0.3), exact=True)
+    svd.factorize(bf16_layer(256, 400, seed=1, decay=1.0, noise=0.3), exact=True)
     assert calls == []  # --svd exact: the full SVD, the reference
 
 
@@ -206,3 +206,34 @@ def test_a_run_releases_the_bf16_buffer_of_its_thread(tmp_path, monkeypatch):
     thread.join()
     assert used, "the run never took the bf16 route: the check would prove nothing"
     assert seen["buffer"] is None
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_later_blocks_narrow_to_the_rank_the_rule_needs(monkeypatch, bf16):
+    """A steep fine-tune layer keeps a few values of the 64 allowed: after the first block
+    (BLOCK_FRACTION of 80, in whole PRODUCT_COLUMNS: 32) the Krylov blocks are only the
+    rule's rank + NARROW_OVERSAMPLE wide, rounded up to PRODUCT_COLUMNS (16), still at the
+    exact rank and >= 0.999 of the optimum. A fixed rank keeps every block full width."""
+    monkeypatch.setattr(svd, "BF16_ON_CPU", bf16)
+    widths = []
+    real = svd._add_block
+    monkeypatch.setattr(svd, "_add_block", lambda a, new, *rest: widths.append(new.shape[1]) or real(a, new, *rest))
+    delta = bf16_layer(1024, 3072, seed=21, decay=2.0, noise=0.05)
+    exact = torch.linalg.svdvals(delta.double())
+    total = float((exact**2).sum())
+    fact = svd.factorize(delta, threshold=0.95, cap=64, generator=torch.Generator().manual_seed(0))
+    expected = rank_for_energy(exact, total, 0.95, 64)
+    assert expected + svd.NARROW_OVERSAMPLE <= 16, "the layer must be steep enough to narrow"
+    assert fact.rank == expected
+    assert widths[0] == 32 and len(widths) >= 2 and set(widths[1:]) == {16}, widths
+    optimum = float((exact[: fact.rank] ** 2).sum()) / total
+    captured = 1 - float((delta.double() - (fact.up @ fact.down).double()).norm() ** 2) / total
+    assert captured >= 0.999 * optimum
+    widths.clear()
+    svd.factorize(delta, fixed_rank=64, generator=torch.Generator().manual_seed(0))
+    assert set(widths) == {svd._first_block(64 + svd.OVERSAMPLE)}, widths
+
+
+def test_block_widths_are_whole_product_columns():
+    assert [svd._whole_product_columns(w) for w in (1, 16, 17, 32, 33, 57.6)] == [16, 16, 32, 32, 48, 64]
+    assert svd._first_block(80) == 32  # the default cap 64 + OVERSAMPLE
