@@ -237,3 +237,31 @@ def test_later_blocks_narrow_to_the_rank_the_rule_needs(monkeypatch, bf16):
 def test_block_widths_are_whole_product_columns():
     assert [svd._whole_product_columns(w) for w in (1, 16, 17, 32, 33, 57.6)] == [16, 16, 32, 32, 48, 64]
     assert svd._first_block(80) == 32  # the default cap 64 + OVERSAMPLE
+
+
+def test_a_run_draws_one_sketch_per_width(monkeypatch):
+    """With a run's generator the Gaussian sketch is drawn once per width and reused by
+    the layers that share it (each layer's result holds for any sketch independent of it);
+    a new generator, or none, draws anew; release_scratch lets the sketches go."""
+    first, second = bf16_layer(1024, 1536, 1, 1.0, 0.3), bf16_layer(1024, 1536, 2, 1.0, 0.3)
+    wider = bf16_layer(1024, 2048, 3, 1.0, 0.3)
+    exact = torch.linalg.svdvals(second.double())
+    total = float((exact**2).sum())
+    svd.bf16_is_faster_on_cpu()  # its own products, once per process
+    svd.release_scratch()
+    drawn = []
+    real = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: drawn.append(a) or real(*a, **k))
+    run = torch.Generator().manual_seed(0)
+    svd.factorize(first, generator=run)
+    fact = svd.factorize(second, generator=run)
+    assert len(drawn) == 1
+    assert fact.rank == rank_for_energy(exact, total, 0.95, 64)
+    assert fact.energy >= 0.999 * float((exact[: fact.rank] ** 2).sum()) / total
+    svd.factorize(wider, generator=run)  # another width
+    svd.factorize(second, generator=torch.Generator().manual_seed(0))  # another run
+    svd.factorize(second)
+    assert len(drawn) == 4
+    svd.release_scratch()
+    svd.factorize(second, generator=run)
+    assert len(drawn) == 5
