@@ -418,8 +418,13 @@ def _thin_qr(columns: torch.Tensor, passes: int = 2) -> tuple[torch.Tensor, torc
 
 def _inverse_of_transpose(lower: torch.Tensor) -> torch.Tensor:
     """(L^T)^-1 for a lower-triangular Cholesky factor L (small, on the CPU)."""
-    identity = torch.eye(len(lower), dtype=lower.dtype)
-    return torch.linalg.solve_triangular(lower, identity, upper=False).T
+    return torch.linalg.solve_triangular(lower, _identity(len(lower), lower.dtype), upper=False).T
+
+
+@functools.lru_cache(maxsize=64)
+def _identity(size: int, dtype: torch.dtype) -> torch.Tensor:
+    """A shared identity matrix (read only): ~7 small solves a layer each made their own."""
+    return torch.eye(size, dtype=dtype)
 
 
 def _converged(history: list[torch.Tensor], needed: int, tolerance: float) -> bool:
@@ -466,20 +471,24 @@ def _ritz_triplets(basis_t, projection_t, gram, k, rounded):
         basis = basis_t.T.bfloat16().float()
         factor = torch.linalg.cholesky(to_float64(basis.T @ basis))  # lower: C = factor^T
         inverse = _inverse_of_transpose(factor)  # C^-1
-        gram = (inverse.T @ to_float64(gram) @ inverse).float()  # fp32 ranks Ritz vectors (half the cost)
+        z_gram = to_float64(gram)
+        gram = (inverse.T @ z_gram @ inverse).float()  # fp32 ranks Ritz vectors (half the cost)
     _, vectors = torch.linalg.eigh(gram)
     leading = vectors.flip(1)[:, :k]
     if rounded:
-        coefficients = (inverse @ leading.double()).float()  # C^-1 W: B's and Z's columns that make L and Y
-        left, y = basis @ coefficients, projection_t.T @ coefficients
+        coefficients = inverse @ leading.double()  # C^-1 W: B's and Z's columns that make L and Y
         # Y^T Y is the eigenvalues' diagonal (W diagonalises the Gram matrix of Z C^-1), so
         # L^T A = Y^T is already its own SVD: values the norms of Y's columns, right vectors
         # those columns normalised; no QR of Y (whose products cost ~5% of a large layer's
-        # step). up @ down is L L^T A either way.
-        values = torch.linalg.vector_norm(y, dim=0)
-        if bool((values[1:] > values[:-1]).any()):  # rounding swapped near-equal values
+        # step). up @ down is L L^T A either way. The norms come from Z^T Z (||Y e_j||^2 =
+        # c_j^T Z^T Z c_j, float64), so that a reorder where rounding swapped near-equal
+        # values permutes the small C^-1 W, not L and Y (column gathers: ~1 ms a layer).
+        values = ((z_gram @ coefficients) * coefficients).sum(0).clamp(min=0).sqrt().float()
+        if bool((values[1:] > values[:-1]).any()):
             order = values.argsort(descending=True)
-            values, left, y = values[order], left[:, order], y[:, order]
+            values, coefficients = values[order], coefficients[:, order]
+        coefficients = coefficients.float()
+        left, y = basis @ coefficients, projection_t.T @ coefficients
         return left, values, (y / values.clamp(min=torch.finfo(y.dtype).tiny)).T
     leading = leading.to(basis_t.device, torch.float32)
     return _projected_svd(basis_t.T @ leading, projection_t.T @ leading)
