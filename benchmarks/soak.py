@@ -209,13 +209,14 @@ def soak(base: Path, variant: Path, out_dir: Path, runs: int = 10, cancel_every:
 
         def leaking_load(self, unit, bases=None):
             loaded = real_load(self, unit, bases)
-            # Copies: the deltas themselves go back to a pool that the next units reuse
-            # (sources.SpareDeltas), so holding them would leak nothing.
+            # fp32 copies: the deltas themselves go back to a pool that the next units reuse
+            # (sources.SpareDeltas), so holding them would leak nothing; and a delta may come
+            # rounded to bf16, half an fp32 input's size, which this control stands for.
             for items in loaded[1]:
                 for item in items:
                     tensor = getattr(item, "tensor", item)
                     if torch.is_tensor(tensor):
-                        kept.append(tensor.clone())
+                        kept.append(tensor.to(torch.float32, copy=True))
             return loaded
 
         runner.load, restore = leaking_load, (runner, real_load)

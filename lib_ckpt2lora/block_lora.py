@@ -13,6 +13,8 @@ changed most and loses the quieter part (figures in architectures/zimage.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .svd import Factorization, factorize, squared_norm
@@ -27,12 +29,17 @@ def factorize_parts(
     exact: bool = False,
     generator: torch.Generator | None = None,
     total_energy: float | None = None,
+    exact_matrix: Callable[[], torch.Tensor] | None = None,
 ) -> list[Factorization | None]:
     """Each row block of ``matrix`` factored on its own; None for a block that did not change.
 
-    ``rows``: the height of each block, in order (one block: a plain ``factorize``)."""
+    ``rows``: the height of each block, in order (one block: a plain ``factorize``).
+    ``exact_matrix``: the fp32 matrix on demand, where ``matrix`` came rounded to bf16 (see
+    svd.factorize; only a single block is handed over so)."""
     if len(rows) == 1:
-        return [factorize(matrix, fixed_rank, threshold, cap, exact, generator, total_energy=total_energy)]
+        return [factorize(matrix, fixed_rank, threshold, cap, exact, generator, total_energy, exact_matrix)]
+    if exact_matrix is not None:
+        matrix = exact_matrix()
     parts: list[Factorization | None] = []
     for block in matrix.split(rows, dim=0):
         energy = squared_norm(block)

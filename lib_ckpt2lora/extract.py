@@ -18,6 +18,7 @@ writes files; checkpoint.py is the checkpoint output.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import statistics
 import sys
@@ -38,7 +39,7 @@ from .planning import Plan, Unit, detail_output, make_plan, writes_checkpoint
 from .prefetch import prefetched
 from .report import Report
 from .sources import CheckpointSource, ReadDelta, SpareDeltas, read_deltas
-from .svd import release_scratch
+from .svd import release_scratch, takes_rounded_products
 from .writing import SpilledTensors, check_output_path, write_all
 
 Progress = Callable[[int, int, str], None]
@@ -98,6 +99,10 @@ class Runner:
         # CPU runs of checkpoints: the reader forms the deltas (read_deltas); the GPU path and
         # LoRA variants read tensors and form the delta on the compute device
         self.reads_deltas = device.type == "cpu" and all(type(source) is CheckpointSource for source in plan.sources)
+        # ... and hands a LoRA run's one delta per unit over in bf16 where the SVD takes it so
+        # (rounds): not two variants combined, a detail LoRA's residual or a checkpoint's change
+        single = len(plan.sources) == 1 and not opts.detail
+        self.rounding = self.reads_deltas and single and opts.svd != "exact" and not writes_checkpoint(opts)
         self.spare = SpareDeltas(capacity=_largest_repeated_part(plan))  # deltas handed back by ``recycle``
 
     def load(self, unit: Unit, bases: list[torch.Tensor] | None = None):
@@ -117,13 +122,29 @@ class Runner:
         """On the CPU: the reader forms every delta itself, row chunk by row chunk
         (sources.read_deltas), so a unit holds its fp32 deltas and nothing else."""
         base_parts, source_parts = [], [[] for _ in self.plan.sources]
+        rounded = self.rounds(unit)
         for index, part in enumerate(unit.parts):
             given = None if bases is None else self.prepare(bases[index])
-            base, deltas = read_deltas(self.plan.base, part, self.plan.sources, given, self.spare)
+            base, deltas = read_deltas(self.plan.base, part, self.plan.sources, given, self.spare, rounded)
+            if rounded:
+                deltas[0].exact = functools.partial(self._exact_delta, part, given)
             base_parts.append(base)
             for items, delta in zip(source_parts, deltas):
                 items.append(delta)
         return base_parts, source_parts
+
+    def rounds(self, unit: Unit) -> bool:
+        """Whether the reader hands ``unit``'s delta over rounded to bf16: one part, one row
+        block, on the SVD's bf16 route (svd.takes_rounded_products). Its fp32 delta is then
+        read again only if the SVD needs it (``_exact_delta``)."""
+        if not self.rounding or len(unit.parts) != 1 or len(unit.rows) != 1 or len(unit.shape) < 2:
+            return False
+        fixed = self.opts.rank_max if self.opts.has_budget else self.opts.rank
+        return takes_rounded_products(unit.shape[0], math.prod(unit.shape[1:]), fixed, self.opts.rank_max, False)
+
+    def _exact_delta(self, part: str, base: torch.Tensor | None) -> torch.Tensor:
+        """A part's fp32 delta, read again (in the computing thread)."""
+        return read_deltas(self.plan.base, part, self.plan.sources, base)[1][0].tensor
 
     def prepare(self, tensor: torch.Tensor) -> torch.Tensor:
         """On the GPU: pinned 16-bit tensors (half the bytes to copy, widened there). On the

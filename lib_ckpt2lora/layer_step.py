@@ -75,6 +75,7 @@ def compute_step(
     # One pass per delta gives ||delta||^2 accurately, and NaN/Inf propagate into it (the
     # reader's, when it formed the delta: the same sums).
     known = [known_energy(items) for items in source_parts]
+    exact_delta = _exact_delta_of(source_parts)
     del base_parts, source_parts
     energies = [squared_norm(delta) if energy is None else energy for delta, energy in zip(deltas, known)]
     if not all(math.isfinite(energy) for energy in energies):
@@ -105,7 +106,8 @@ def compute_step(
     # A fused unit (Z-Image's q|k|v in comfy style) is factored part by part, each with
     # its own rank, so it carries exactly what the split modules would.
     fixed = opts.rank_max if candidates else opts.rank
-    parts = factorize_parts(matrix, unit.rows, fixed, opts.rank_thresh, opts.rank_max, exact, generator, energy)
+    exact_matrix = None if exact_delta is None else lambda: exact_delta().reshape(matrix.shape)
+    parts = factorize_parts(matrix, unit.rows, fixed, opts.rank_thresh, opts.rank_max, exact, generator, energy, exact_matrix)
     step = LayerStep(unit, relative, parts=parts, weight_energies=weight_energies)
     if opts.detail and unit.module is not None and not candidates:
         factors = step.joined()
@@ -157,6 +159,14 @@ def _on_meta(part: Factorization) -> Factorization:
         return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
 
     return Factorization(meta(part.up), meta(part.down), part.rank, part.singular_values, part.total_energy, part.energy)
+
+
+def _exact_delta_of(source_parts: list[list]):
+    """How to get the fp32 delta of a unit the reader handed over rounded to bf16 (one
+    source, one part: see extract.Runner.rounds), else None."""
+    if len(source_parts) == 1 and len(source_parts[0]) == 1:
+        return getattr(source_parts[0][0], "exact", None)
+    return None
 
 
 def _stack_rows(tensors: list[torch.Tensor]) -> torch.Tensor:

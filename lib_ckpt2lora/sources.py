@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -37,10 +38,15 @@ class DeltaSource(Protocol):
 @dataclass
 class ReadDelta:
     """A delta the reader thread already formed in fp32 (``read_deltas``), with its
-    ||delta||^2 as svd.squared_norm computes it (summed while each chunk was in cache)."""
+    ||delta||^2 as svd.squared_norm computes it (summed while each chunk was in cache).
+
+    ``rounded``: formed in fp32 but kept only as bf16 (``read_deltas(rounded=True)``), for
+    the SVD's bf16 products; ``exact`` then reads the fp32 delta again, for the rare layer
+    that needs it (an exactly low-rank delta, svd._refined)."""
 
     tensor: torch.Tensor
     energy: float | None = None
+    exact: Callable[[], torch.Tensor] | None = None
 
 
 def known_energy(items: list) -> float | None:
@@ -140,25 +146,27 @@ class SpareDeltas:
         self._lock = threading.Lock()
         self._spare: list[torch.Tensor] = []
 
-    def take(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """A tensor of ``shape`` for a new delta (its values are whatever the buffer held)."""
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A tensor of ``shape`` for a new delta (its values are whatever the buffer held);
+        a bf16 one is a view of an fp32 buffer's first half as many values."""
         numel = math.prod(shape)
         if numel < POOLED_VALUES or len(shape) < 2:  # a 1-D delta is kept whole (.diff): no view of a buffer
-            return torch.empty(shape, dtype=torch.float32)
+            return torch.empty(shape, dtype=dtype)
+        values = -(-numel * dtype.itemsize // 4)  # fp32 values that hold it
         with self._lock:
-            fitting = [index for index, buffer in enumerate(self._spare) if buffer.numel() >= numel]
+            fitting = [index for index, buffer in enumerate(self._spare) if buffer.numel() >= values]
             if fitting:
                 best = min(fitting, key=lambda index: self._spare[index].numel())
-                return self._spare.pop(best)[:numel].view(shape)
+                return _typed_view(self._spare.pop(best), dtype, numel, shape)
             self._spare.clear()
-        return torch.empty(max(numel, self.capacity), dtype=torch.float32)[:numel].view(shape)
+        return _typed_view(torch.empty(max(values, self.capacity), dtype=torch.float32), dtype, numel, shape)
 
     def give(self, tensor: torch.Tensor) -> None:
         """Hand back a delta from ``take`` that nothing else refers to any more."""
         if tensor.numel() < POOLED_VALUES or tensor.dim() < 2:  # not from the pool (take)
             return
         buffer = _flat_buffer(tensor)
-        if self.capacity and buffer.numel() > self.capacity:
+        if buffer is None or (self.capacity and buffer.numel() > self.capacity):
             return
         with self._lock:
             if any(spare.data_ptr() == buffer.data_ptr() for spare in self._spare):
@@ -172,12 +180,20 @@ class SpareDeltas:
             self._spare.clear()
 
 
-def _flat_buffer(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole flat buffer that ``tensor`` (a view from SpareDeltas.take) is a view of."""
+def _typed_view(buffer: torch.Tensor, dtype: torch.dtype, numel: int, shape: tuple[int, ...]) -> torch.Tensor:
+    typed = buffer if dtype == torch.float32 else buffer.view(dtype)
+    return typed[:numel].view(shape)
+
+
+def _flat_buffer(tensor: torch.Tensor) -> torch.Tensor | None:
+    """The whole flat fp32 buffer that ``tensor`` (a view from SpareDeltas.take, of any
+    dtype) is a view of; None where it cannot be one (a bf16 tensor of an odd size)."""
     base = tensor._base if tensor._base is not None else tensor
     if base.dim() != 1 or not base.is_contiguous() or base.data_ptr() != tensor.data_ptr():
-        return tensor.reshape(-1)
-    return base
+        base = tensor.reshape(-1)
+    if base.dtype == torch.float32:
+        return base
+    return base.view(torch.float32) if base.numel() * base.dtype.itemsize % 4 == 0 else None
 
 
 def read_deltas(
@@ -186,6 +202,7 @@ def read_deltas(
     sources: list[CheckpointSource],
     base: torch.Tensor | None = None,
     spare: SpareDeltas | None = None,
+    rounded: bool = False,
 ) -> tuple[torch.Tensor | ReadBase, list[ReadDelta]]:
     """Each source's fp32 delta of canonical ``key`` against the base, formed row chunk by
     row chunk (in the reader thread, on the CPU), with the same values as
@@ -194,9 +211,13 @@ def read_deltas(
     ``base``: the base tensor when the caller has read it already (a batch shares one
     across its variants); it is returned as it is. Otherwise the base is read in row
     chunks too and comes back as a ReadBase holding its ||W||^2. ``spare``: where the
-    deltas' memory comes from (every value is written here, whatever it held)."""
+    deltas' memory comes from (every value is written here, whatever it held).
+    ``rounded``: keep each delta as bf16 only, each chunk formed in fp32 (||delta||^2 from
+    those fp32 values) and rounded while in cache: the bf16 copy the SVD's products take,
+    at half the memory, without a pass over an fp32 delta (SD1.5: 0.3 CPU s of copying)."""
     shape = tuple(sources[0].shapes[key])
-    deltas = [spare.take(shape) if spare is not None else torch.empty(shape, dtype=torch.float32) for _ in sources]
+    dtype = torch.bfloat16 if rounded else torch.float32
+    deltas = [spare.take(shape, dtype) if spare is not None else torch.empty(shape, dtype=dtype) for _ in sources]
     variants = [_RowReader(source.view, key) for source in sources]
     base_rows = _RowReader(base_view, key, base, "base")
     # Flat value ranges where every tensor can be read by value (cache-sized: a row chunk
@@ -208,10 +229,13 @@ def read_deltas(
         base_chunk = _widened(base_rows.chunk(begin, end, flat), "base")
         for delta, variant, sums in zip(deltas, variants, delta_partials):
             target = delta.view(-1)[begin:end] if flat else delta[begin:end] if shape else delta
-            target.copy_(variant.chunk(begin, end, flat).reshape(target.shape))
-            target.sub_(base_chunk.reshape(target.shape))
+            formed = _buffer(torch.float32, "delta", target.numel())[: target.numel()].view(target.shape) if rounded else target
+            formed.copy_(variant.chunk(begin, end, flat).reshape(target.shape))
+            formed.sub_(base_chunk.reshape(target.shape))
             # chunks start at whole ENERGY_CHUNKs: squared_norm's very partial sums
-            sums.extend(partial_squares(target.reshape(-1)))
+            sums.extend(partial_squares(formed.reshape(-1)))
+            if rounded:
+                target.copy_(formed)
         if base is None:
             partials.extend(partial_squares(base_chunk.reshape(-1)))
     read = [ReadDelta(delta, summed_squares(sums)) for delta, sums in zip(deltas, delta_partials)]

@@ -46,6 +46,7 @@ import functools
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -57,7 +58,9 @@ from .rank import captured_energy, rank_for_energy, target_rank
 OVERSAMPLE = 16
 # Krylov iterations: at least MIN, then until the kept energy moves by < CONVERGED (relative).
 MIN_POWER_ITERATIONS = 1
-MAX_POWER_ITERATIONS = 8
+# (12 blocks of 32 columns after the first: a space as large as the 8 of 48 before, which
+# a flat, noise-like spectrum needs: an fp8 base's rounding, tests/test_comfy_quant.py)
+MAX_POWER_ITERATIONS = 12
 CONVERGED = 1e-3
 # ... or when the last two growths extrapolate to less than this share of the tolerance
 # still to gain (_converged; 5e-4 at the default tolerance).
@@ -158,20 +161,29 @@ def factorize(
     exact: bool = False,
     generator: torch.Generator | None = None,
     total_energy: float | None = None,
+    exact_delta: Callable[[], torch.Tensor] | None = None,
 ) -> Factorization:
     """Split a 2-D fp32 delta into balanced factors up @ down of the chosen rank.
 
     ``total_energy``: ||delta||_F^2 when the caller has it (computed in float64: an fp32
-    sum over tens of millions of elements can be off by most of a percent)."""
+    sum over tens of millions of elements can be off by most of a percent).
+
+    ``delta`` may come rounded to bf16 already (the reader's, where ``takes_rounded_products``
+    says the bf16 products will take it), with its exact ||delta||^2 and ``exact_delta``
+    giving the fp32 delta on demand: an exactly low-rank delta is refined from that."""
     rows, cols = delta.shape
+    if delta.dtype == torch.bfloat16 and not takes_rounded_products(rows, cols, fixed_rank, cap, exact):
+        delta = exact_delta()  # not a route that takes it rounded (BF16_ON_CPU changed meanwhile)
     if total_energy is None:
-        total_energy = squared_norm(delta)
+        total_energy = squared_norm(delta if exact_delta is None else exact_delta())
     wanted = target_rank(fixed_rank, cap, min(rows, cols))
     if not exact and _gram_is_cheaper(delta, wanted):
         u, s, vh = leading_triplets_from_gram(delta, wanted)
     else:
         rule = threshold if fixed_rank <= 0 and RANK_AWARE else None
-        u, s, vh = top_singular_triplets(delta, wanted, exact, generator, total_energy, triplets=wanted, threshold=rule)
+        u, s, vh = top_singular_triplets(
+            delta, wanted, exact, generator, total_energy, triplets=wanted, threshold=rule, exact_delta=exact_delta
+        )
     rank = wanted if fixed_rank > 0 else rank_for_energy(s, total_energy, threshold, wanted)
     rank = max(1, min(rank, len(s)))
     root = s[:rank].sqrt()
@@ -189,14 +201,15 @@ def top_singular_triplets(
     total_energy: float | None = None,
     triplets: int | None = None,
     threshold: float | None = None,
+    exact_delta: Callable[[], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """At least ``wanted`` leading singular triplets: randomized unless that costs as much as exact.
 
     ``triplets``: on the randomized route, return this many (default ``wanted`` + OVERSAMPLE,
     whose values some callers read as the spectrum's head). ``threshold``: the energy rule
     that will choose the rank; the randomized route then stops once the values that rule
-    keeps have converged (see ``randomized_svd``)."""
-    if exact or wanted + OVERSAMPLE >= EXACT_FRACTION * min(delta.shape):
+    keeps have converged (see ``randomized_svd``). ``exact_delta``: see ``factorize``."""
+    if not _randomized_is_cheaper(delta.shape, wanted, exact):
         return on_supporting_device(torch.linalg.svd, delta, full_matrices=False)
     return randomized_svd(
         delta,
@@ -206,7 +219,20 @@ def top_singular_triplets(
         total_energy=total_energy,
         triplets=triplets,
         threshold=threshold,
+        exact_matrix=exact_delta,
     )
+
+
+def _randomized_is_cheaper(shape: tuple[int, int], wanted: int, exact: bool) -> bool:
+    return not exact and wanted + OVERSAMPLE < EXACT_FRACTION * min(shape)
+
+
+def takes_rounded_products(rows: int, cols: int, fixed_rank: int, cap: int, exact: bool) -> bool:
+    """Whether ``factorize`` on a CPU fp32 delta of [rows, cols] multiplies a bf16 copy of it
+    (the randomized route, on a CPU that multiplies bf16 faster): the reader may then hand
+    it over in bf16 (sources.read_deltas(rounded=True))."""
+    wanted = target_rank(fixed_rank, cap, min(rows, cols))
+    return _randomized_is_cheaper((rows, cols), wanted, exact) and BF16_ON_CPU and bf16_is_faster_on_cpu()
 
 
 def _gram_is_cheaper(delta: torch.Tensor, wanted: int) -> bool:
@@ -215,7 +241,7 @@ def _gram_is_cheaper(delta: torch.Tensor, wanted: int) -> bool:
     projected on them, cost less than a full SVD (one thread, measured: [320, 320] 9.7 vs
     13.8 ms, [320, 2880] 19 vs 96 ms, [256, 15360] 54 vs 625 ms; a float64 Gram matrix took
     2.4-3x the fp32 one's time for the same results to the tests' 1e-6)."""
-    return delta.device.type == "cpu" and wanted + OVERSAMPLE >= EXACT_FRACTION * min(delta.shape)
+    return delta.device.type == "cpu" and not _randomized_is_cheaper(delta.shape, wanted, False)
 
 
 def leading_triplets_from_gram(delta: torch.Tensor, wanted: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -247,10 +273,13 @@ def randomized_svd(
     total_energy: float | None = None,
     triplets: int | None = None,
     threshold: float | None = None,
+    exact_matrix: Callable[[], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """At least k leading singular triplets of ``matrix`` (Ritz values: lower bounds of the
     true ones) from a block Krylov space, grown until the energy of the leading ``keep``
-    (default k) values converges.
+    (default k) values converges. A bf16 ``matrix`` on the CPU is the fp32 one already
+    rounded for the bf16 products (``exact_matrix`` gives that fp32 one, ``total_energy``
+    its ||matrix||^2).
 
     With A the matrix oriented [short side, long side], the space is span[Q_0, Q_1, ...],
     Q_0 = orth(A S) for a Gaussian S of ``block`` columns (default ``_first_block(k)``) and Q_{i+1} =
@@ -271,11 +300,18 @@ def randomized_svd(
     max_iterations = MAX_POWER_ITERATIONS if max_iterations is None else max_iterations
     tolerance = CONVERGED if tolerance is None else tolerance
     transposed = matrix.shape[0] > matrix.shape[1]
-    exact_a = matrix.T if transposed else matrix  # [short, long]
+
+    def oriented(full: torch.Tensor) -> torch.Tensor:
+        return full.T if transposed else full  # [short, long]
+
+    exact_a = oriented(matrix)
     short, long = exact_a.shape
     block = min(_first_block(k) if block is None else block, short)
-    reduced = exact_a.dtype == torch.float32 and exact_a.device.type == "cpu" and BF16_ON_CPU and bf16_is_faster_on_cpu()
-    a = _bf16_copy(exact_a) if reduced else exact_a
+    given_rounded = exact_a.dtype == torch.bfloat16 and exact_a.device.type == "cpu"
+    reduced = given_rounded or (
+        exact_a.dtype == torch.float32 and exact_a.device.type == "cpu" and BF16_ON_CPU and bf16_is_faster_on_cpu()
+    )
+    a = exact_a if given_rounded else _bf16_copy(exact_a) if reduced else exact_a
     capacity = min((max_iterations + 1) * block, short)
     # Q^T and Z^T, one block of rows each, preallocated (no concatenation; a block's rows
     # are contiguous, so only the blocks used are ever touched).
@@ -287,7 +323,7 @@ def randomized_svd(
     sketch_t = _sketch(block, long, a.device, generator)
     used = _add_block(a, _orthonormal(_product(a, sketch_t)), basis_t, projection_t, gram, 0)
     if total_energy is None and (threshold is not None or reduced):  # the rule, the refinement test
-        total_energy = squared_norm(exact_a)
+        total_energy = squared_norm(oriented(exact_matrix()) if given_rounded else exact_a)
     history = [_ritz_energies(gram[:used, :used])]  # the squared Ritz values after each block
     last_t = projection_t[:used]  # Z_i^T of the block the next one grows from
     if threshold is not None and NARROW_BLOCKS:
@@ -307,7 +343,7 @@ def randomized_svd(
     count = k if triplets is None else max(keep, triplets)
     u, s, vh = _ritz_triplets(basis_t[:used], projection_t[:used], gram[:used, :used], count, reduced)
     if reduced and _exactly_low_rank(s, total_energy):
-        u, s, vh = _refined(exact_a, vh)
+        u, s, vh = _refined(oriented(exact_matrix()) if given_rounded else exact_a, vh)
     if transposed:
         return vh.T, s, u.T
     return u, s, vh

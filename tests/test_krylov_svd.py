@@ -169,9 +169,12 @@ def test_bf16_buffer_is_reused_and_released(monkeypatch):
     assert svd._scratch.bf16 is None
 
 
-def test_a_run_releases_the_bf16_buffer_of_its_thread(tmp_path, monkeypatch):
-    """extract() frees the per-thread bf16 buffer when it ends: a WebUI or ComfyUI worker
-    thread would otherwise keep the largest layer's copy (78-140 MB) between runs."""
+@pytest.mark.parametrize("detail", [False, True], ids=["rounded-by-the-reader", "copied-in-the-step"])
+def test_a_run_releases_the_scratch_of_its_thread(tmp_path, monkeypatch, detail):
+    """extract() frees the per-thread SVD buffers when it ends (the bf16 copy, the Krylov
+    basis and Z^T, the sketches): a WebUI or ComfyUI worker thread would otherwise keep the
+    largest layer's copy (78-140 MB) between runs. A plain CPU run gets its delta in bf16
+    from the reader; a --detail run (whose residual needs the fp32 delta) copies it."""
     import threading
 
     from safetensors.torch import save_file
@@ -181,31 +184,29 @@ def test_a_run_releases_the_bf16_buffer_of_its_thread(tmp_path, monkeypatch):
 
     monkeypatch.setattr(svd, "BF16_ON_CPU", True)
     if not svd.bf16_is_faster_on_cpu():
-        pytest.skip("this CPU has no fast bf16: the buffer is never used")
+        pytest.skip("this CPU has no fast bf16: the buffers are never used")
     base = torch.randn(1024, 1536).to(torch.bfloat16)
     variant = (base.float() + bf16_layer(1024, 1536, 5, 1.0, 0.3) * 0.01).to(torch.bfloat16)
     save_file({"net.weight": base}, str(tmp_path / "base.safetensors"))
     save_file({"net.weight": variant}, str(tmp_path / "variant.safetensors"))
-    used = []
-    real_copy = svd._bf16_copy
-
-    def counted(matrix):
-        used.append(matrix.shape)
-        return real_copy(matrix)
-
-    monkeypatch.setattr(svd, "_bf16_copy", counted)
+    given, copied = [], []
+    real_svd, real_copy = svd.randomized_svd, svd._bf16_copy
+    monkeypatch.setattr(svd, "randomized_svd", lambda matrix, *a, **k: given.append(matrix.dtype) or real_svd(matrix, *a, **k))
+    monkeypatch.setattr(svd, "_bf16_copy", lambda matrix: copied.append(matrix.shape) or real_copy(matrix))
     seen = {}
 
     def worker():
         extract(ExtractOptions(base=tmp_path / "base.safetensors", variant=tmp_path / "variant.safetensors",
-                               out=tmp_path / "lora.safetensors"), log=lambda _: None)
-        seen["buffer"] = getattr(svd._scratch, "bf16", None)
+                               out=tmp_path / "lora.safetensors", detail=detail), log=lambda _: None)
+        seen.update({name: getattr(svd._scratch, name, None) for name in ("bf16", "basis", "projection", "sketches")})
 
     thread = threading.Thread(target=worker)
     thread.start()
     thread.join()
-    assert used, "the run never took the bf16 route: the check would prove nothing"
-    assert seen["buffer"] is None
+    assert given, "the run never took the randomized route: the check would prove nothing"
+    assert given[0] == (torch.float32 if detail else torch.bfloat16)
+    assert bool(copied) == detail
+    assert seen == {"bf16": None, "basis": None, "projection": None, "sketches": None}
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])

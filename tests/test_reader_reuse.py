@@ -68,6 +68,20 @@ def test_a_buffer_above_the_capacity_is_not_kept():
     assert [buffer.numel() for buffer in spare._spare] == [2 * BIG]
 
 
+def test_bf16_and_fp32_deltas_share_the_buffers():
+    """A bf16 delta (rounded by the reader) is a view of an fp32 buffer's first half; handed
+    back, that fp32 buffer serves the next delta of either dtype."""
+    spare = sources.SpareDeltas(capacity=2 * BIG)
+    rounded = spare.take((BIG, 4), torch.bfloat16)
+    assert rounded.dtype == torch.bfloat16 and rounded.untyped_storage().nbytes() == 2 * BIG * 4
+    spare.give(rounded)
+    assert [(buffer.dtype, buffer.numel()) for buffer in spare._spare] == [(torch.float32, 2 * BIG)]
+    widened = spare.take((BIG, 2))
+    assert storage_of(widened) == storage_of(rounded) and widened.dtype == torch.float32
+    spare.give(widened)
+    assert storage_of(spare.take((BIG, 3), torch.bfloat16)) == storage_of(rounded)
+
+
 def test_small_and_one_dimensional_deltas_are_plain_tensors():
     spare = sources.SpareDeltas(capacity=4 * BIG)
     for shape in ((BIG - 1, 1), (2 * BIG,)):  # a 1-D delta is kept whole (.diff)
