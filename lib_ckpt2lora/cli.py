@@ -340,17 +340,16 @@ def _return_freed_memory_to_the_system(checkpoint: bool = True) -> None:
 
 
 def _leave_a_core_for_the_reader(device: str) -> None:
-    """On the CPU, torch's intra-op threads one fewer than the CPUs this process may use
-    (and no more than torch's own default), unless OMP_NUM_THREADS says otherwise: the
-    reader thread forms the next deltas the whole time beside them. Set here, before the
-    reader exists, so its own operations inherit the count. On this project's 2-CPU machine
-    (SD1.5 pair, benchmarks/README.md) one compute thread beside the reader took less wall
-    and CPU time than two, which spent theirs contending with the reader. The CLI owns its
-    process; the WebUI and ComfyUI keep their host's setting."""
-    if "OMP_NUM_THREADS" in os.environ:
-        return
+    """On the CPU, the reader thread's own operations on one thread (prefetch.READER_THREADS)
+    and torch's intra-op threads one fewer than the CPUs this process may use (no more than
+    torch's own default, and as OMP_NUM_THREADS says where it is set): the reader forms the
+    next deltas the whole time beside them. On this project's 2-CPU machine (SD1.5 pair,
+    benchmarks/README.md) one computing thread beside the reader took less wall and CPU time
+    than two, which spent theirs contending with it. The CLI owns its process; the WebUI
+    and ComfyUI keep their host's setting."""
     import torch
 
+    from . import prefetch
     from .devices import resolve_device
 
     try:
@@ -358,6 +357,9 @@ def _leave_a_core_for_the_reader(device: str) -> None:
             return
     except UserError:
         return  # the run reports it
+    prefetch.READER_THREADS = 1
+    if "OMP_NUM_THREADS" in os.environ:
+        return
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = min(torch.get_num_threads(), max(1, available - 1))
     if threads < torch.get_num_threads():

@@ -19,6 +19,13 @@ from typing import TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+# torch intra-op threads for the reader's own operations (widening, subtracting, norms of
+# chunks that fit in cache), or None to leave torch's setting. The CLI, which owns its
+# process, sets 1 (cli._leave_a_core_for_the_reader): a reader with a thread team of its
+# own beside the computing one oversubscribed the cores (SD1.5 with OMP_NUM_THREADS=2 on 2
+# cores: 13.4 CPU s, 1 reader thread 9.2). torch.set_num_threads also changes the default
+# for threads started later, which a host process (WebUI, ComfyUI) must not see.
+READER_THREADS: int | None = None
 _DONE = object()
 _POLL_SECONDS = 0.1
 # How long closing waits for the reader to finish the item it is reading: one tensor, so
@@ -37,8 +44,18 @@ def prefetched(items: Iterable[T], load: Callable[[T], R], depth: int = 2) -> It
     ready: queue.Queue = queue.Queue()
     stop = threading.Event()
 
+    reader_threads = READER_THREADS
+    if reader_threads is not None:
+        import torch
+
+        torch.get_num_threads()  # fixes this thread's own count before the reader changes the default
+
     def reader() -> None:
         try:
+            if reader_threads is not None:
+                import torch
+
+                torch.set_num_threads(reader_threads)
             for item in items:
                 while not permits.acquire(timeout=_POLL_SECONDS):
                     if stop.is_set():
