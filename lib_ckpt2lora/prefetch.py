@@ -53,8 +53,6 @@ def prefetched(items: Iterable[T], load: Callable[[T], R], depth: int = 2) -> It
     def reader() -> None:
         try:
             if reader_threads is not None:
-                import torch
-
                 torch.set_num_threads(reader_threads)
             for item in items:
                 while not permits.acquire(timeout=_POLL_SECONDS):

@@ -40,9 +40,9 @@ class ReadDelta:
     """A delta the reader thread already formed in fp32 (``read_deltas``), with its
     ||delta||^2 as svd.squared_norm computes it (summed while each chunk was in cache).
 
-    ``rounded``: formed in fp32 but kept only as bf16 (``read_deltas(rounded=True)``), for
-    the SVD's bf16 products; ``exact`` then reads the fp32 delta again, for the rare layer
-    that needs it (an exactly low-rank delta, svd._refined)."""
+    A bf16 ``tensor`` was formed in fp32 but kept only rounded (``read_deltas(rounded=True)``),
+    for the SVD's bf16 products; ``exact`` then reads the fp32 delta again, for the rare
+    layer that needs it (an exactly low-rank delta, svd._refined)."""
 
     tensor: torch.Tensor
     energy: float | None = None

@@ -175,7 +175,7 @@ def factorize(
     if delta.dtype == torch.bfloat16 and not takes_rounded_products(rows, cols, fixed_rank, cap, exact):
         delta = exact_delta()  # not a route that takes it rounded (BF16_ON_CPU changed meanwhile)
     if total_energy is None:
-        total_energy = squared_norm(delta if exact_delta is None else exact_delta())
+        total_energy = squared_norm(exact_delta() if delta.dtype == torch.bfloat16 else delta)
     wanted = target_rank(fixed_rank, cap, min(rows, cols))
     if not exact and _gram_is_cheaper(delta, wanted):
         u, s, vh = leading_triplets_from_gram(delta, wanted)
@@ -300,11 +300,7 @@ def randomized_svd(
     max_iterations = MAX_POWER_ITERATIONS if max_iterations is None else max_iterations
     tolerance = CONVERGED if tolerance is None else tolerance
     transposed = matrix.shape[0] > matrix.shape[1]
-
-    def oriented(full: torch.Tensor) -> torch.Tensor:
-        return full.T if transposed else full  # [short, long]
-
-    exact_a = oriented(matrix)
+    exact_a = matrix.T if transposed else matrix  # [short, long]
     short, long = exact_a.shape
     block = min(_first_block(k) if block is None else block, short)
     given_rounded = exact_a.dtype == torch.bfloat16 and exact_a.device.type == "cpu"
@@ -312,6 +308,13 @@ def randomized_svd(
         exact_a.dtype == torch.float32 and exact_a.device.type == "cpu" and BF16_ON_CPU and bf16_is_faster_on_cpu()
     )
     a = exact_a if given_rounded else _bf16_copy(exact_a) if reduced else exact_a
+
+    def fp32_a() -> torch.Tensor:  # the fp32 [short, long] matrix, read again if it came rounded
+        if not given_rounded:
+            return exact_a
+        full = exact_matrix()
+        return full.T if transposed else full
+
     capacity = min((max_iterations + 1) * block, short)
     # Q^T and Z^T, one block of rows each, preallocated (no concatenation; a block's rows
     # are contiguous, so only the blocks used are ever touched).
@@ -323,7 +326,7 @@ def randomized_svd(
     sketch_t = _sketch(block, long, a.device, generator)
     used = _add_block(a, _orthonormal(_product(a, sketch_t)), basis_t, projection_t, gram, 0)
     if total_energy is None and (threshold is not None or reduced):  # the rule, the refinement test
-        total_energy = squared_norm(oriented(exact_matrix()) if given_rounded else exact_a)
+        total_energy = squared_norm(fp32_a())
     history = [_ritz_energies(gram[:used, :used])]  # the squared Ritz values after each block
     last_t = projection_t[:used]  # Z_i^T of the block the next one grows from
     if threshold is not None and NARROW_BLOCKS:
@@ -343,7 +346,7 @@ def randomized_svd(
     count = k if triplets is None else max(keep, triplets)
     u, s, vh = _ritz_triplets(basis_t[:used], projection_t[:used], gram[:used, :used], count, reduced)
     if reduced and _exactly_low_rank(s, total_energy):
-        u, s, vh = _refined(oriented(exact_matrix()) if given_rounded else exact_a, vh)
+        u, s, vh = _refined(fp32_a(), vh)
     if transposed:
         return vh.T, s, u.T
     return u, s, vh

@@ -61,7 +61,6 @@ def test_an_explicit_thread_count_is_kept(monkeypatch, calls):
 
 def test_a_gpu_run_is_left_alone(monkeypatch, calls):
     machine(monkeypatch, 8, 8)
-    monkeypatch.setattr(cli, "_leave_a_core_for_the_reader", cli._leave_a_core_for_the_reader)
     from lib_ckpt2lora import devices
 
     monkeypatch.setattr(devices, "resolve_device", lambda name: torch.device("cuda"))
