@@ -4,9 +4,10 @@ records the stop, and the run ends with exit 130 and its one sentence instead of
 traceback. ``cli.run`` ignores them during the exit."""
 
 import signal
-import threading
 
-_stop = threading.Event()
+from .errors import SignalFlag
+
+_stop = SignalFlag()
 
 
 def _record_stop(signum, frame) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .budget import format_size
 from .constants import KNOWN_FAMILIES, VERSION
-from .errors import Cancelled, UserError
+from .errors import Cancelled, SignalFlag, UserError
 from .options import BUDGET_OBJECTIVES, FORMATS, SAVE_DTYPES, SVD_MODES, ExtractOptions, expert_pair
 
 DESCRIPTION = (
@@ -173,7 +173,7 @@ def options_from_args(args: argparse.Namespace) -> ExtractOptions:
     return ExtractOptions(**{name: getattr(args, name) for name in names if hasattr(args, name)})
 
 
-def run(stop: threading.Event | None = None) -> None:
+def run(stop: SignalFlag | None = None) -> None:
     """The command (``ckpt2lora``, ``python -m lib_ckpt2lora``): main(), then the exit with
     SIGINT and SIGTERM ignored. The interpreter resets their handlers to the default while
     it exits, so a Ctrl-C landing there would end the process by the signal instead of 130."""
@@ -185,9 +185,9 @@ def run(stop: threading.Event | None = None) -> None:
     sys.exit(code)
 
 
-def main(argv: list[str] | None = None, stop: threading.Event | None = None) -> int:
+def main(argv: list[str] | None = None, stop: SignalFlag | None = None) -> int:
     """``stop``: set by a Ctrl-C or SIGTERM that came before main() (``__main__`` records them)."""
-    stop = stop if stop is not None else threading.Event()
+    stop = stop if stop is not None else SignalFlag()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.merge:
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None, stop: threading.Event | None = None) -> 
         code = _list_layers(args)
         return _interrupted() if stop.is_set() else code
     _return_freed_memory_to_the_system(args.checkpoint or args.checkpoint_full)
-    running = threading.Event()
+    running = SignalFlag()
     _install_signal_handlers(stop, running)
     results: list = []
     try:
@@ -385,12 +385,13 @@ def _progress_bar():
     return update
 
 
-def _install_signal_handlers(stop: threading.Event, running: threading.Event) -> None:
+def _install_signal_handlers(stop: SignalFlag, running: SignalFlag) -> None:
     """SIGTERM (and a first Ctrl-C) ask the run to stop after the current layer."""
 
     def handler(signum, frame):
         # A second Ctrl-C while the run is going stops it now (once); any other press only
-        # asks for the stop, so it cannot break a clean-up or the exit under way.
+        # asks for the stop, so it cannot break a clean-up or the exit under way. The flags
+        # take no lock: this handler may run again inside itself (see SignalFlag).
         if stop.is_set() and running.is_set():
             running.clear()
             raise KeyboardInterrupt

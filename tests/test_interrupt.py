@@ -184,6 +184,64 @@ def test_cli_ctrl_c_while_torch_imports(small, tmp_path, again):
     assert snapshot(out) == before
 
 
+# The CLI's signal handlers under Ctrl-C presses sent back to back by a second process:
+# first while a run goes (the second press must raise KeyboardInterrupt once), then for 2 s
+# after it (presses only ask for the stop). Prints what it saw; SIGINT ignored at the end.
+FLOODED_HANDLERS = """
+import os, signal, subprocess, sys, time
+from lib_ckpt2lora import cli
+from lib_ckpt2lora.errors import SignalFlag
+
+FLOODER = (
+    "import os, signal, sys\\n"
+    "try:\\n"
+    "    while True:\\n"
+    "        os.kill(int(sys.argv[1]), signal.SIGINT)\\n"
+    "except ProcessLookupError:\\n"
+    "    pass\\n"
+)
+stop, running = SignalFlag(), SignalFlag()
+cli._install_signal_handlers(stop, running)
+flooder = subprocess.Popen([sys.executable, "-c", FLOODER, str(os.getpid())])
+interrupted = False
+try:
+    running.set()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        pass
+except KeyboardInterrupt:
+    interrupted = True
+finally:
+    running.clear()
+deadline = time.monotonic() + 2
+while time.monotonic() < deadline:
+    pass
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+flooder.kill()
+flooder.wait()
+print("interrupted" if interrupted else "ran on", "stop asked" if stop.is_set() else "no stop")
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="os.kill(SIGINT) to another process is POSIX")
+def test_signal_handlers_flooded_with_ctrl_c():
+    """Presses that land while a handler is still running: a handler that took a lock
+    (threading.Event.set) and was entered again waited on its own thread forever, each
+    further press nesting one more handler, until a RecursionError (CI, Python 3.10, a
+    press every 30 ms during the run's start). A flood makes that near-certain; the
+    handlers' flags take no lock, so the run is interrupted once and ends normally.
+    (The whole CLI is not flooded: MKL's start-up restarts a system call on every signal
+    and never finishes under one, a flood no keyboard can produce.)"""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", FLOODED_HANDLERS], capture_output=True, text=True, env=cli_env(), cwd=ROOT, timeout=30
+        )
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the handlers hung under the flood of Ctrl-C presses") from None
+    assert done.returncode == 0, describe(done)
+    assert done.stdout.strip() == "interrupted stop asked", describe(done)
+
+
 def test_cli_sigterm_while_writing_checkpoint(slow, tmp_path):
     """--checkpoint streams the output as it computes: the signal lands while the
     temporary file is open; it must be removed and nothing renamed into place."""

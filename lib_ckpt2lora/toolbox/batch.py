@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import sys
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 from ..budget import format_size
 from ..constants import PREFETCH_DEPTH
 from ..devices import fast_matmuls, resolve_device
-from ..errors import Cancelled, UserError
+from ..errors import Cancelled, SignalFlag, UserError
 from ..extract import ExtractResult, LoraTensors, Progress, Runner, write_lora_outputs
 from ..lora_format import complete_attention_groups
 from ..options import ExtractOptions
@@ -235,7 +234,7 @@ def _finish(members: list[_Member], should_stop, log) -> None:
         member.outcome.result = ExtractResult(outputs, plan.arch.name, plan.report, list(plan.report.warnings))
 
 
-def run_cli(args, stop: threading.Event) -> int:
+def run_cli(args, stop: SignalFlag) -> int:
     """``--variant`` with several files on the command line (cli.main dispatches here):
     one report per output, one line per variant at the end; exit 2 when any variant
     failed (the others are written), 130 on an interrupt. ``stop``: the command's (set by
@@ -243,7 +242,7 @@ def run_cli(args, stop: threading.Event) -> int:
     from ..cli import _install_signal_handlers, _progress_bar, _return_freed_memory_to_the_system, options_from_args, print_run
 
     _return_freed_memory_to_the_system()
-    running = threading.Event()
+    running = SignalFlag()
     _install_signal_handlers(stop, running)
     try:
         if args.list_layers:

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 from pathlib import Path
 
-from ..errors import Cancelled, UserError
+from ..errors import Cancelled, SignalFlag, UserError
 
 # Extraction flags that mean nothing for a merge: refused rather than silently ignored.
 NOT_FOR_MERGE = (
@@ -26,7 +25,7 @@ NOT_FOR_MERGE = (
 )
 
 
-def run_merge(parser: argparse.ArgumentParser, args: argparse.Namespace, stop: threading.Event) -> int:
+def run_merge(parser: argparse.ArgumentParser, args: argparse.Namespace, stop: SignalFlag) -> int:
     """``stop``: the command's (set by a Ctrl-C or SIGTERM, also one pressed while it started)."""
     from .. import cli
     from .merge_run import MergeOptions, merge_loras
@@ -36,7 +35,7 @@ def run_merge(parser: argparse.ArgumentParser, args: argparse.Namespace, stop: t
         parser.error(f"--merge makes a LoRA from LoRAs alone; drop {', '.join(given)}")
     if args.out is None:
         parser.error("the following arguments are required: --out (the merged LoRA)")
-    running = threading.Event()
+    running = SignalFlag()
     cli._install_signal_handlers(stop, running)
     try:
         opts = MergeOptions(
