@@ -399,9 +399,9 @@ def test_two_experts_in_one_cli_run(tmp_path, monkeypatch, capsys):
 
 def test_two_experts_stopped_during_the_low_noise_run_names_the_saved_file(tmp_path, monkeypatch, capsys):
     import importlib
-    import threading
 
     from lib_ckpt2lora.architectures import wan
+    from lib_ckpt2lora.errors import SignalFlag
 
     extract_module = importlib.import_module("lib_ckpt2lora.extract")  # the package's `extract` is the function
 
@@ -409,7 +409,7 @@ def test_two_experts_stopped_during_the_low_noise_run_names_the_saved_file(tmp_p
     high_base, high_variant = t2v_pair(tmp_path / "high", seed=3)
     low_base, low_variant = t2v_pair(tmp_path / "low", seed=5)
     out = tmp_path / "speed.safetensors"
-    stop = threading.Event()
+    stop = SignalFlag()  # as the command's own
     real_extract, calls = extract_module.extract, []
 
     def stop_before_the_second(opts, **kwargs):
