@@ -200,22 +200,26 @@ FLOODER = (
     "except ProcessLookupError:\\n"
     "    pass\\n"
 )
+
+
+def busy(seconds):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        pass
+
+
 stop, running = SignalFlag(), SignalFlag()
 cli._install_signal_handlers(stop, running)
 flooder = subprocess.Popen([sys.executable, "-c", FLOODER, str(os.getpid())])
 interrupted = False
 try:
     running.set()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        pass
+    busy(10)
 except KeyboardInterrupt:
     interrupted = True
 finally:
     running.clear()
-deadline = time.monotonic() + 2
-while time.monotonic() < deadline:
-    pass
+busy(2)
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 flooder.kill()
 flooder.wait()
