@@ -229,7 +229,7 @@ def read_deltas(
         base_chunk = _widened(base_rows.chunk(begin, end, flat), "base")
         for delta, variant, sums in zip(deltas, variants, delta_partials):
             target = delta.view(-1)[begin:end] if flat else delta[begin:end] if shape else delta
-            formed = _buffer(torch.float32, "delta", target.numel())[: target.numel()].view(target.shape) if rounded else target
+            formed = _fp32_buffer_shaped_as(target, "delta") if rounded else target
             formed.copy_(variant.chunk(begin, end, flat).reshape(target.shape))
             formed.sub_(base_chunk.reshape(target.shape))
             # chunks start at whole ENERGY_CHUNKs: squared_norm's very partial sums
@@ -300,8 +300,12 @@ def _widened(tensor: torch.Tensor, role: str) -> torch.Tensor:
     partial sums as svd.squared_norm, and a dot product's rounding depends on alignment)."""
     if tensor.dtype == torch.float32 and tensor.data_ptr() % ALLOCATOR_ALIGNMENT == 0:
         return tensor
-    out = _buffer(torch.float32, role, tensor.numel())[: tensor.numel()].view(tensor.shape)
-    return out.copy_(tensor)
+    return _fp32_buffer_shaped_as(tensor, role).copy_(tensor)
+
+
+def _fp32_buffer_shaped_as(tensor: torch.Tensor, role: str) -> torch.Tensor:
+    """The reader's reused fp32 buffer for ``role``, as a tensor of ``tensor``'s shape."""
+    return _buffer(torch.float32, role, tensor.numel())[: tensor.numel()].view(tensor.shape)
 
 
 def _buffer(dtype: torch.dtype, role: str, numel: int) -> torch.Tensor:
